@@ -1,0 +1,51 @@
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the a cat dog sat ran on under mat tree house river quickly slowly red blue small large "
+         "bird fish king queen stone water fire light dark morning evening song word").split()
+
+
+def make_text(n_docs: int, seed: int = 0) -> str:
+    """Paragraphs of random sentences from a small vocabulary: a corpus with Zipf-like token counts."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) for i in range(len(WORDS))]
+    docs = []
+    for _ in range(n_docs):
+        sentences = [" ".join(rng.choices(WORDS, weights, k=rng.randint(5, 12))).capitalize() + "."
+                     for _ in range(rng.randint(2, 6))]
+        docs.append(" ".join(sentences))
+    return "\n\n".join(docs) + "\n"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cache")
+    os.environ["DYNASCOPE_CACHE"] = str(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_text(400))
+    return path
+
+
+def tiny_args(corpus_file: Path, run_dir: Path, max_steps: int, *extra: str) -> list[str]:
+    """CLI arguments of a tiny run (2 layers, d=32, vocab 320, context 32) on the test corpus."""
+    return ["fit", "--config", "configs/tiny-relu.yaml",
+            "--trainer.default_root_dir", str(run_dir), "--trainer.max_steps", str(max_steps),
+            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+            "--model.arch.n_layers", "2", "--model.arch.d_model", "32", "--model.arch.n_heads", "2",
+            "--model.arch.d_mlp", "64", "--model.arch.vocab_size", "320", "--model.arch.context_length", "32",
+            "--model.warmup_steps", "2",
+            "--data.source", "files", "--data.paths", f"[{corpus_file}]", "--data.vocab_size", "320",
+            "--data.batch_size", "4", "--data.val_fraction", "0.2",
+            "--snapshots.log_cap", "4", "--snapshots.every", "3", "--checkpoints.every_n_steps", "4", *extra]

@@ -1,0 +1,44 @@
+import dynascope.train.checkpoints as ck
+import pytest
+import torch
+from dynascope.train.errors import DynascopeError
+
+
+def test_schedule_is_log_spaced_then_periodic_plus_final():
+    s = ck.CheckpointSchedule(log_cap=512, every=1000)
+    assert s.steps(3500) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000, 3500]
+    assert ck.CheckpointSchedule(log_cap=8, every=5).steps(12) == [0, 1, 2, 4, 8, 10, 12]
+
+
+def test_snapshot_roundtrip_manifest_and_corruption(tmp_path):
+    w = {"a": torch.randn(3, 4), "b": torch.arange(5.0)}
+    for step in (0, 1):
+        ck.write_snapshot(tmp_path, step, w, {"tokens_seen": 10 * step})
+    rows = ck.read_manifest(tmp_path)
+    assert sorted(rows) == [0, 1] and rows[1]["tokens_seen"] == 10
+    assert rows[1]["sha256"] == ck.sha256_file(ck.snapshot_path(tmp_path, 1))
+    loaded = ck.load_snapshot(tmp_path, 1)
+    assert torch.equal(loaded["a"], w["a"])
+    path = ck.snapshot_path(tmp_path, 1)
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    with pytest.raises(DynascopeError, match="step_00000001.safetensors"):
+        ck.load_snapshot(tmp_path, 1)
+    with pytest.raises(DynascopeError, match="corrupt"):
+        ck.load_snapshot(tmp_path, 1, verify=False)
+
+
+def test_crash_while_writing_leaves_previous_snapshots_intact(tmp_path, monkeypatch):
+    w = {"a": torch.randn(3, 4)}
+    ck.write_snapshot(tmp_path, 0, w, {})
+    before = (tmp_path / "snapshots" / "manifest.jsonl").read_text()
+
+    def crash(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", crash)
+    with pytest.raises(OSError):
+        ck.write_snapshot(tmp_path, 1, w, {})
+    assert not ck.snapshot_path(tmp_path, 1).exists()
+    assert (tmp_path / "snapshots" / "manifest.jsonl").read_text() == before
+    assert torch.equal(ck.load_snapshot(tmp_path, 0)["a"], w["a"])

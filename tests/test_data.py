@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from dynascope.train.cli import main
+from dynascope.train.data import Corpus, DataConfig, _embedded_documents, _embedded_file, prepare_corpus, sample_batch
+
+
+def test_prepare_corpus_writes_memmaps_counts_and_tokenizer(corpus_file, tmp_path):
+    cfg = DataConfig(source="files", paths=[str(corpus_file)], vocab_size=320, val_fraction=0.2)
+    path = prepare_corpus(cfg, tmp_path)
+    assert prepare_corpus(cfg, tmp_path) == path  # cached by config hash
+    c = Corpus(path)
+    train, val = c.tokens("train"), c.tokens("val")
+    assert train.dtype == np.uint16 and c.meta["vocab_size"] <= 320
+    assert 0.1 < len(val) / (len(train) + len(val)) < 0.35  # document-level split near val_fraction
+    counts = c.counts()
+    assert counts.sum() == len(train) and np.array_equal(counts, np.bincount(train, minlength=len(counts)))
+    n_docs = corpus_file.read_text().count("\n\n") + 1
+    assert (train == c.meta["eos_id"]).sum() + (val == c.meta["eos_id"]).sum() == n_docs  # EOS between documents
+    text = c.tokenizer().decode(train[:200].tolist())
+    assert "." in text and any(w in text.lower() for w in ("the", "cat", "dog"))
+
+
+def test_batches_are_a_pure_function_of_seed_step_rank_micro(corpus_file):
+    cfg = DataConfig(source="files", paths=[str(corpus_file)], vocab_size=320)
+    tokens = Corpus(prepare_corpus(cfg)).tokens("train")
+    a = sample_batch(tokens, 4, 16, seed=1, step=7, rank=0, micro=0)
+    b = sample_batch(tokens, 4, 16, seed=1, step=7, rank=0, micro=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0][:, 1:], a[1][:, :-1])  # targets are inputs shifted by one
+    for other in ({"step": 8}, {"rank": 1}, {"micro": 1}, {"seed": 2}):
+        args = {"seed": 1, "step": 7, "rank": 0, "micro": 0} | other
+        assert not torch.equal(sample_batch(tokens, 4, 16, **args)[0], a[0]), other
+
+
+def test_embedded_corpora_are_verified_and_parsed():
+    assert _embedded_file("wiki").name == "summaries_en-us.json"
+    wiki = list(_embedded_documents("wiki"))
+    assert len(wiki) == 10033 and all(wiki)
+    kjv = list(_embedded_documents("kjv"))
+    assert len(kjv) == 1189  # chapters of the King James Bible
+    assert kjv[0].startswith("In the beginning God created the heaven") and "1:1" not in kjv[0]
+
+
+def _error(capsys, args) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dynascope: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    return lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(capsys, tmp_path, corpus_file):
+    from conftest import tiny_args
+
+    def fit(*extra):
+        return tiny_args(corpus_file, tmp_path / "run", 2, *extra)
+
+    missing = tmp_path / "nope.txt"
+    assert str(missing) in _error(capsys, fit("--data.paths", f"[{missing}]"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    assert "contains no text" in _error(capsys, fit("--data.paths", f"[{empty}]"))
+    short = tmp_path / "short.txt"
+    short.write_text("A cat sat on the mat.\n\nThe dog ran.\n")
+    msg = _error(capsys, fit("--data.paths", f"[{short}]"))
+    assert "fewer than one window" in msg and "context_length" in msg
+    msg = _error(capsys, fit("--model.arch.vocab_size", "64", "--data.vocab_size", "200"))
+    assert "model.arch.vocab_size=64" in msg
+    assert not (tmp_path / "run" / "snapshots").exists()
+
+
+def test_batch_command_prints_the_text_of_a_step(capsys, tmp_path, corpus_file):
+    from conftest import tiny_args
+
+    main(tiny_args(corpus_file, tmp_path / "run", 1))
+    capsys.readouterr()
+    main(["batch", "--run", str(tmp_path / "run"), "--step", "3"])
+    out = capsys.readouterr().out
+    cfg = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert cfg["trainer/global_step"] == 0
+    c = Corpus(prepare_corpus(DataConfig(source="files", paths=[str(corpus_file)], vocab_size=320, val_fraction=0.2)))
+    x, y = sample_batch(c.tokens("train"), 4, 32, seed=1234, step=3)
+    first = c.tokenizer().decode(x[0].tolist() + [int(y[0, -1])], skip_special_tokens=False)
+    assert out.count("--- window") == 4 and first in out

@@ -1,0 +1,86 @@
+"""End-to-end runs of `dynascope fit` on a tiny model and the test corpus (a few seconds each)."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+import wandb_reader
+from conftest import tiny_args
+from dynascope.train.checkpoints import load_snapshot, read_manifest
+from dynascope.train.cli import fit_cli
+from dynascope.train.loggers import finish_wandb, read_metrics
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["trainer/global_step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file):
+    run = tmp_path / "run"
+    fit_cli(tiny_args(corpus_file, run, 7))
+    manifest = read_manifest(run)
+    assert sorted(manifest) == [0, 1, 2, 4, 6, 7]  # log-spaced to 4, every 3, final
+    assert [manifest[s]["tokens_seen"] for s in (0, 1, 7)] == [0, 4 * 32, 7 * 4 * 32]
+    assert len({manifest[s]["sha256"] for s in manifest}) == 6
+    w0, w7 = load_snapshot(run, 0), load_snapshot(run, 7)
+    assert set(w0) >= {"wte.weight", "unembed.weight", "blocks.1.mlp.fc_in.weight"}
+    assert not torch.equal(w0["unembed.weight"], w7["unembed.weight"])
+    rows = read_metrics(run)
+    assert sorted(losses(run)) == list(range(7))
+    assert all("trainer/global_step" in r for r in rows)
+    assert (run / "config.yaml").exists() and (run / "checkpoints" / "last.ckpt").exists()
+    wandb_file = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(wandb_file) == 1
+    history = wandb_reader.history(wandb_file[0])
+    logged = {r["trainer/global_step"]: r["train/loss"] for r in history if "train/loss" in r}
+    assert logged == losses(run)
+
+
+class StopAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def test_resumed_run_matches_uninterrupted_run_at_every_step(tmp_path, corpus_file):
+    full = tmp_path / "full"
+    fit_cli(tiny_args(corpus_file, full, 8))
+    part = tmp_path / "part"
+    cli = fit_cli(tiny_args(corpus_file, part, 8)[1:], run=False)
+    cli.trainer.callbacks.append(StopAt(4))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    finish_wandb(cli.trainer)
+    assert sorted(losses(part)) == [0, 1, 2, 3]
+    fit_cli(tiny_args(corpus_file, part, 8, "--ckpt_path", "last"))
+    assert losses(part) == losses(full)  # exact equality, fp32 on CPU
+    assert sorted(read_manifest(part)) == sorted(read_manifest(full))
+    for s in (4, 8):
+        assert torch.equal(load_snapshot(part, s)["unembed.weight"], load_snapshot(full, s)["unembed.weight"])
+    assert len(set((part / "wandb_id").read_text().split())) == 1
+    ids = {json.loads(p.read_text())["id"] if p.suffix == ".json" else p.name.split("-")[-1]
+           for p in (part / "wandb").glob("offline-run-*")}
+    assert ids == {(part / "wandb_id").read_text().strip()}  # the resumed run continues the same wandb run
+
+
+def test_two_process_cpu_ddp_run(tmp_path, corpus_file):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    fit_cli(tiny_args(corpus_file, single, 2))
+    exe = Path(sys.executable).parent / "dynascope"
+    args = tiny_args(corpus_file, ddp, 2, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                     "--trainer.strategy", "ddp")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = read_manifest(ddp)
+    assert sorted(manifest) == [0, 1, 2]
+    assert manifest[2]["tokens_seen"] == 2 * 2 * 4 * 32  # two ranks' batches per step
+    assert torch.equal(load_snapshot(ddp, 0)["unembed.weight"], load_snapshot(single, 0)["unembed.weight"])
+    assert not torch.equal(load_snapshot(ddp, 2)["unembed.weight"], load_snapshot(single, 2)["unembed.weight"])

@@ -1,0 +1,52 @@
+"""Reads the history rows of an offline wandb run file (`run-*.wandb`), so tests can check what was logged.
+
+The file is a 7-byte header followed by a LevelDB-style log: 32 KiB blocks of records, each with a
+7-byte header (crc32, little-endian length, type: 1 full, 2 first, 3 middle, 4 last) around a
+serialized `wandb.proto.wandb_internal_pb2.Record`.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+
+
+def records(path: Path):
+    data = Path(path).read_bytes()
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < 7:  # block trailer padding
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            pos += BLOCK - pos % BLOCK if pos % BLOCK else 0
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(pending)
+            yield r
+
+
+def history(path: Path) -> list[dict]:
+    rows = []
+    for r in records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def summary(path: Path) -> dict:
+    out = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "summary":
+            for i in r.summary.update:
+                out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return out

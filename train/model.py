@@ -1,0 +1,205 @@
+"""A small pre-LN decoder-only Transformer with TransformerLens-named hook points.
+
+Every activation an analysis may want passes through a `HookPoint` (an identity module) whose
+module path is its TransformerLens name (`blocks.0.mlp.hook_post`, `ln_final.hook_normalized`, ...).
+With no hooks registered they cost nothing and compile away; `run_with_cache` and `patch_residual`
+attach forward hooks only for the duration of one call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 512
+    vocab_size: int = 4096
+    context_length: int = 128
+    activation: str = "relu"
+    norm: str = "layernorm"
+    tie_embeddings: bool = False
+    bias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model activation {self.activation!r}: choose one of {ACTIVATIONS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"model norm {self.norm!r}: choose one of {NORMS}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+
+    def hash(self) -> str:
+        """Short stable hash identifying the architecture (stored in the snapshot manifest)."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class HookPoint(nn.Identity):
+    """Marks a named activation; forward hooks on it read or replace the activation."""
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.bias and cfg.norm == "layernorm" else None
+        self.rms = cfg.norm == "rmsnorm"
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms:
+            y = F.rms_norm(x, (x.shape[-1],), self.weight, eps=1e-5)
+        else:
+            y = F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, eps=1e-5)
+        return self.hook_normalized(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    """`hook_pre` is the pre-activation (the gate for swiglu); `hook_post` is the input of `fc_out`,
+    so the rows of `fc_out.weight.T` are the value vectors."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.fc_gate = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias) if cfg.activation == "swiglu" else None
+        self.fc_out = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.hook_pre = HookPoint()
+        self.hook_post = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fc_gate is not None:
+            post = F.silu(self.hook_pre(self.fc_gate(x))) * self.fc_in(x)
+        else:
+            pre = self.hook_pre(self.fc_in(x))
+            post = {"gelu": F.gelu, "relu": F.relu, "relu2": lambda t: F.relu(t).square()}[self.activation](pre)
+        return self.fc_out(self.hook_post(post))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = Norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln2 = Norm(cfg)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.attn(self.ln1(x)))
+        return self.hook_resid_post(x + self.mlp(self.ln2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.context_length, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = Norm(cfg)
+        self.unembed = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.wte.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections scaled by 1/sqrt(2L)."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim == 1:
+                nn.init.ones_(p)
+            else:
+                residual_out = name.endswith(("proj.weight", "fc_out.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * self.cfg.n_layers) if residual_out else 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}")
+        x = self.hook_embed(self.wte(tokens)) + self.wpe(torch.arange(T, device=tokens.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(self.ln_final(x))
+
+    def hook_names(self) -> list[str]:
+        return [name for name, m in self.named_modules() if isinstance(m, HookPoint)]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (tied weights once); position embeddings never count towards FLOPs."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() - (self.wte.weight.numel() if non_embedding else 0)
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, PaLM appendix B: 6N + 12·L·d·T (N excludes position embeddings)."""
+        c = self.cfg
+        return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.context_length
+
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, Callable]) -> Iterator[None]:
+        """Attach forward hooks `{hook name: fn(activation) -> activation | None}` for a `with` block."""
+        modules = dict(self.named_modules())
+        unknown = sorted(set(fns) - set(self.hook_names()))
+        if unknown:
+            raise KeyError(f"unknown hook names {unknown}; available: {self.hook_names()}")
+        handles = [modules[n].register_forward_hook(lambda m, i, o, fn=fn: fn(o)) for n, fn in fns.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run_with_cache(self, tokens: torch.Tensor,
+                       names: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the activations at `names` (nothing is stored for names not asked for)."""
+        cache: dict[str, torch.Tensor] = {}
+        with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
+            logits = self(tokens)
+        return logits, cache
+
+    def patch_residual(self, tokens: torch.Tensor, name: str, position: int, vectors: torch.Tensor,
+                       names: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward pass with the activation at hook `name`, sequence `position`, replaced by `vectors` [B, d]."""
+
+        def overwrite(o: torch.Tensor) -> torch.Tensor:
+            o = o.clone()
+            o[:, position] = vectors.to(o.dtype)
+            return o
+
+        with self.hooks({name: overwrite}):
+            return self.run_with_cache(tokens, names)

@@ -1,0 +1,79 @@
+"""The LightningModule that pretrains a `Transformer` with AdamW and warmup + cosine decay."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from dynascope.train.errors import DynascopeError
+from dynascope.train.model import ModelConfig, Transformer
+
+
+class LanguageModel(L.LightningModule):
+    def __init__(self, arch: ModelConfig = ModelConfig(), lr: float = 1e-3, min_lr_ratio: float = 0.1,
+                 warmup_steps: int = 100, decay_steps: int | None = None, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), compile: bool = False):
+        """`decay_steps` is the length of the cosine schedule (default: trainer.max_steps)."""
+        super().__init__()
+        self.save_hyperparameters(ignore="arch")
+        self.hparams["arch"] = asdict(arch)
+        self.model = Transformer(arch)
+        self.tokens_per_step = 0
+        self._train_forward = torch.compile(self.model.forward) if compile else self.model.forward
+
+    @property
+    def arch(self) -> ModelConfig:
+        return self.model.cfg
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None:
+            return
+        dm_vocab = dm.corpus.meta["vocab_size"]
+        if dm_vocab > self.arch.vocab_size:
+            raise DynascopeError(
+                f"tokenizer of {dm.corpus.path} has {dm_vocab} tokens, more than model.arch.vocab_size="
+                f"{self.arch.vocab_size}; raise model.arch.vocab_size or lower data.vocab_size")
+        self.tokens_per_step = dm.tokens_per_step()
+        # Read by Lightning's ThroughputMonitor to report MFU (FLOPs of one micro-batch on this rank).
+        self.flops_per_batch = self.model.flops_per_token() * dm.batch_size * self.arch.context_length
+
+    def tokens_seen(self, step: int) -> int:
+        return step * self.tokens_per_step
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self._train_forward(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("tokens_seen", float(self.tokens_seen(self.global_step + 1)))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        no_decay = {"wte.weight", "wpe.weight"}  # embeddings; norms and biases are 1-D
+        params = dict(self.model.named_parameters())  # tied weights appear once, under wte
+        decay = [p for n, p in params.items() if p.ndim >= 2 and n not in no_decay]
+        rest = [p for n, p in params.items() if p.ndim < 2 or n in no_decay]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}], lr=hp.lr, betas=hp.betas)
+        total = hp.decay_steps or self.trainer.max_steps
+        if total is None or total <= 0:
+            raise DynascopeError("set trainer.max_steps or model.decay_steps: the cosine schedule needs a length")
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
