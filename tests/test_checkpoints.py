@@ -1,13 +1,15 @@
-import dynascope.train.checkpoints as ck
 import pytest
 import torch
+
+import dynascope.train.snapshots as ck
+from dynascope.train.checkpoints import CheckpointSchedule
 from dynascope.train.errors import DynascopeError
 
 
 def test_schedule_is_log_spaced_then_periodic_plus_final():
-    s = ck.CheckpointSchedule(log_cap=512, every=1000)
+    s = CheckpointSchedule(log_cap=512, every=1000)
     assert s.steps(3500) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 3000, 3500]
-    assert ck.CheckpointSchedule(log_cap=8, every=5).steps(12) == [0, 1, 2, 4, 8, 10, 12]
+    assert CheckpointSchedule(log_cap=8, every=5).steps(12) == [0, 1, 2, 4, 8, 10, 12]
 
 
 def test_snapshot_roundtrip_manifest_and_corruption(tmp_path):

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from dynascope.train.cli import main
 from dynascope.train.data import Corpus, DataConfig, _embedded_documents, _embedded_file, prepare_corpus, sample_batch
 

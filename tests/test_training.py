@@ -8,19 +8,22 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 import wandb_reader
 from conftest import tiny_args
-from dynascope.train.checkpoints import load_snapshot, read_manifest
-from dynascope.train.cli import fit_cli
+
+from dynascope.analysis.runner import analyze_run, read_csv
+from dynascope.train.cli import fit_cli, main
 from dynascope.train.loggers import finish_wandb, read_metrics
+from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["trainer/global_step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
-def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file):
+def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file, capsys):
     run = tmp_path / "run"
     fit_cli(tiny_args(corpus_file, run, 7))
     manifest = read_manifest(run)
@@ -39,6 +42,35 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file):
     history = wandb_reader.history(wandb_file[0])
     logged = {r["trainer/global_step"]: r["train/loss"] for r in history if "train/loss" in r}
     assert logged == losses(run)
+    online = analysis_rows(run)
+    assert sorted(online) == sorted(manifest) and "basic/probe_loss" in online[0]
+    assert {r["trainer/global_step"]: r["basic/probe_loss"] for r in history if "basic/probe_loss" in r} == {
+        s: online[s]["basic/probe_loss"] for s in online}
+
+    # offline replay of every snapshot reproduces what the callback logged
+    report = analyze_run(run)
+    assert [r["step"] for r in report.rows] == sorted(manifest)
+    for row in report.rows:
+        for key, value in online[row["step"]].items():
+            if key.startswith("basic/"):
+                assert row[key] == pytest.approx(value, rel=1e-5), (row["step"], key)
+    assert (run / "analysis" / "metrics.csv").exists()
+
+    # a corrupt snapshot is named and skipped; the others are still analysed; the exit code says so
+    path = snapshot_path(run, 2)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(SystemExit) as e:
+        main(["analyze", str(run)])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert str(path) in err and "skipped" in err
+    assert [r["step"] for r in read_csv(run / "analysis" / "metrics.csv")] == [0, 1, 4, 6, 7]
+    assert (run / "analysis" / "plots" / "overview.png").stat().st_size > 10_000
+    assert (run / "analysis" / "plots" / "basic.png").exists()
+
+
+def analysis_rows(run_dir: Path) -> dict[int, dict]:
+    return {r["trainer/global_step"]: r for r in read_metrics(run_dir) if "dynamics/seconds" in r}
 
 
 class StopAt(L.Callback):
@@ -84,3 +116,7 @@ def test_two_process_cpu_ddp_run(tmp_path, corpus_file):
     assert manifest[2]["tokens_seen"] == 2 * 2 * 4 * 32  # two ranks' batches per step
     assert torch.equal(load_snapshot(ddp, 0)["unembed.weight"], load_snapshot(single, 0)["unembed.weight"])
     assert not torch.equal(load_snapshot(ddp, 2)["unembed.weight"], load_snapshot(single, 2)["unembed.weight"])
+    # step 0: same weights and the same probe set, sharded over two ranks and reduced, give the same values
+    one, two = analysis_rows(single)[0], analysis_rows(ddp)[0]
+    keys = [k for k in one if k.startswith("basic/")]
+    assert keys and all(two[k] == pytest.approx(one[k], rel=1e-6) for k in keys)

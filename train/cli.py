@@ -3,6 +3,8 @@
     dynascope fit --config configs/tiny-relu.yaml [--trainer.max_steps N] [--trainer.default_root_dir DIR]
     dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
     dynascope prepare --config CONFIG
+    dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR ... --out OUT_DIR
+    dynascope plot RUN_DIR
 
 `fit` (and Lightning's other subcommands) go to LightningCLI; the run directory is
 trainer.default_root_dir.
@@ -14,14 +16,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
 import yaml
+from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.cli import LightningCLI
+
+from dynascope.callbacks.dynamics import DynamicsCallback
 from dynascope.train.checkpoints import ResumeCheckpoints, Snapshots
 from dynascope.train.data import Corpus, CorpusDataModule, DataConfig, prepare_corpus, sample_batch
 from dynascope.train.errors import DynascopeError
 from dynascope.train.loggers import JsonlLogger, finish_wandb, make_wandb_logger
 from dynascope.train.module import LanguageModel
-from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.cli import LightningCLI
 
 
 class DynascopeCLI(LightningCLI):
@@ -29,6 +34,7 @@ class DynascopeCLI(LightningCLI):
         parser.link_arguments("model.arch.context_length", "data.context_length")
         parser.add_lightning_class_args(Snapshots, "snapshots")
         parser.add_lightning_class_args(ResumeCheckpoints, "checkpoints")
+        parser.add_lightning_class_args(DynamicsCallback, "dynamics")
         parser.add_argument("--wandb_project", default="dynascope", help="wandb project of the run")
 
     def instantiate_trainer(self, **kwargs):
@@ -99,9 +105,57 @@ def _batch_main(argv: list[str]) -> None:
         print(f"--- window {i} ---\n{text}")
 
 
+def _analyze_main(argv: list[str]) -> None:
+    from dynascope.analysis.plots import plot_run
+    from dynascope.analysis.runner import analyze_hf, analyze_run
+    from dynascope.train.loggers import upload_to_wandb
+
+    p = argparse.ArgumentParser(prog="dynascope analyze", description="Replay analyses over saved checkpoints.")
+    p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
+    p.add_argument("--hf", nargs="+", metavar="MODEL_DIR", help="local Hugging Face model directories instead")
+    p.add_argument("--out", help="output directory (required with --hf)")
+    p.add_argument("--labels", help="comma-separated labels of the --hf directories, in order (e.g. step1000,...)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
+    p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
+    p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if a.hf:
+        if not a.out:
+            p.error("--hf needs --out OUT_DIR")
+        data = DataConfig(source="files", paths=a.data) if a.data else None
+        report = analyze_hf(a.hf, a.out, a.labels.split(",") if a.labels else None, a.analyses, data,
+                            batch_size=a.batch_size, device=a.device)
+    elif a.run:
+        steps = [int(s) for s in a.steps.split(",")] if a.steps else None
+        report = analyze_run(a.run, a.analyses, steps, a.batch_size, a.device)
+    else:
+        p.error("give a run directory or --hf MODEL_DIR ...")
+    print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.rows)} checkpoints)")
+    if report.rows:
+        overview = plot_run(a.run or a.out)
+        print(f"overview: {overview}")
+        if a.wandb:
+            print(f"wandb run: {upload_to_wandb(report.rows, overview.parent, report.out_dir)}")
+    if report.skipped:
+        print(f"dynascope: {len(report.skipped)} checkpoint(s) skipped: {', '.join(report.skipped)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _plot_main(argv: list[str]) -> None:
+    from dynascope.analysis.plots import plot_run
+
+    p = argparse.ArgumentParser(prog="dynascope plot", description="Draw emergence curves of a run.")
+    p.add_argument("run", help="run directory (or --hf output directory of `dynascope analyze`)")
+    a = p.parse_args(argv)
+    print(f"overview: {plot_run(a.run)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"batch": _batch_main, "prepare": _prepare_main}
+    commands = {"batch": _batch_main, "prepare": _prepare_main, "analyze": _analyze_main, "plot": _plot_main}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])

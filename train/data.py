@@ -27,9 +27,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from dynascope.train.errors import DynascopeError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader, IterableDataset
+
+from dynascope.train.errors import DynascopeError
 
 EOS = "<|endoftext|>"
 
@@ -55,6 +56,7 @@ class DataConfig:
     hf_max_docs: int | None = None
     text_column: str = "text"
     tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE
+    eos_token: str = EOS  # separates documents; must be in the tokenizer's vocabulary
     vocab_size: int = 4096
     val_fraction: float = 0.05
 
@@ -174,9 +176,9 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None, num_pro
     else:
         train_docs = docs.filter(lambda r: not r["val"])
         tok = train_tokenizer((b["text"] for b in train_docs.iter(batch_size=1000)), cfg.vocab_size)
-    eos = tok.token_to_id(EOS)
+    eos = tok.token_to_id(cfg.eos_token)
     if eos is None:
-        raise DynascopeError(f"tokenizer {cfg.tokenizer} has no {EOS} token; add it as a special token")
+        raise DynascopeError(f"tokenizer {cfg.tokenizer} has no {cfg.eos_token} token; set data.eos_token")
     vocab = tok.get_vocab_size()
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
 
@@ -270,11 +272,13 @@ class CorpusDataModule(L.LightningDataModule):
     def __init__(self, source: str = "embedded", corpus: str = "wiki", paths: list[str] | None = None,
                  hf_name: str | None = None, hf_config: str | None = None, hf_split: str = "train",
                  hf_max_docs: int | None = None, text_column: str = "text", tokenizer: str | None = None,
-                 vocab_size: int = 4096, val_fraction: float = 0.05, batch_size: int = 16,
+                 eos_token: str = EOS, vocab_size: int = 4096, val_fraction: float = 0.05, batch_size: int = 16,
                  context_length: int = 128, seed: int = 1234, cache_dir: str | None = None):
         super().__init__()
-        self.config = DataConfig(source, corpus, list(paths or []), hf_name, hf_config, hf_split, hf_max_docs,
-                                 text_column, tokenizer, vocab_size, val_fraction)
+        self.config = DataConfig(source=source, corpus=corpus, paths=list(paths or []), hf_name=hf_name,
+                                 hf_config=hf_config, hf_split=hf_split, hf_max_docs=hf_max_docs,
+                                 text_column=text_column, tokenizer=tokenizer, eos_token=eos_token,
+                                 vocab_size=vocab_size, val_fraction=val_fraction)
         self.batch_size, self.context_length, self.seed, self.cache_dir = batch_size, context_length, seed, cache_dir
         self.corpus: Corpus | None = None
 

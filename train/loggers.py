@@ -85,3 +85,21 @@ def finish_wandb(trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def upload_to_wandb(rows: list[dict], plots_dir: Path, out_dir: Path, project: str = "dynascope") -> str:
+    """Log an offline analysis table (one row per checkpoint, against `trainer/global_step`) and its
+    plots to a new wandb run in `out_dir/wandb`; returns the run's directory."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
+    run = wandb.init(project=project, dir=str(out_dir), mode=mode, job_type="analyze",
+                     name=f"analyze-{Path(out_dir).resolve().parent.name}")
+    run.define_metric("*", step_metric=STEP_KEY)
+    for r in rows:
+        run.log({STEP_KEY: int(r["step"]), **{k: v for k, v in r.items() if k not in ("step", "label")}})
+    columns = list(rows[0])
+    run.log({"analysis/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+    run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(Path(plots_dir).glob("*.png"))})
+    run.finish()
+    return run.dir

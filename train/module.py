@@ -8,6 +8,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
+
 from dynascope.train.errors import DynascopeError
 from dynascope.train.model import ModelConfig, Transformer
 

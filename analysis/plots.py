@@ -1,0 +1,108 @@
+"""Emergence curves: one PNG per analysis and a one-page overview.
+
+Curves are drawn against step on a symmetric-log x axis (step 0, the initialisation, stays on the
+plot); the axis label gives the tokens per step. Per-layer keys (`.../L{l}`) share one panel per metric.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dynascope.analysis.base import REGISTRY  # noqa: E402
+from dynascope.analysis.runner import read_csv  # noqa: E402
+from dynascope.train.errors import DynascopeError  # noqa: E402
+
+LAYER = re.compile(r"^(.*)/L(\d+)$")
+
+
+def load_rows(run_dir: str | Path) -> tuple[list[dict], Path]:
+    """The offline table if `dynascope analyze` wrote one (in a run's analysis/ or an --hf output
+    directory), else the analysis rows logged online; with the directory the plots go to."""
+    run_dir = Path(run_dir)
+    for table in (run_dir / "analysis" / "metrics.csv", run_dir / "metrics.csv"):
+        if table.exists():
+            return read_csv(table), table.parent / "plots"
+    from dynascope.train.loggers import read_metrics
+
+    rows = [dict(r, step=r["trainer/global_step"]) for r in read_metrics(run_dir) if "dynamics/seconds" in r]
+    if not rows:
+        raise DynascopeError(f"{run_dir} has no analysis rows: run `dynascope analyze {run_dir}` first")
+    return rows, run_dir / "analysis" / "plots"
+
+
+def _panels(rows: list[dict], analysis: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """metric -> curve label -> [(step, value)] for one analysis's keys."""
+    panels: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for key, value in r.items():
+            if not key.startswith(analysis + "/") or not isinstance(value, float) or math.isnan(value):
+                continue
+            m = LAYER.match(key)
+            metric, label = (m.group(1), f"layer {m.group(2)}") if m else (key, key.split("/", 1)[1])
+            panels[metric][label].append((r["step"], value))
+    return panels
+
+
+def _step_label(rows: list[dict]) -> str:
+    """'step', with the tokens per step when the run has a constant batch (a secondary axis cannot
+    follow a symlog scale)."""
+    per_step = {round(r["tokens_seen"] / r["step"]) for r in rows
+                if r.get("step") and not math.isnan(r.get("tokens_seen", math.nan))}
+    return f"step (1 step = {per_step.pop():,} tokens)" if len(per_step) == 1 else "step"
+
+
+def _draw(ax, curves: dict[str, list], title: str, rows: list[dict]) -> None:
+    for label, points in sorted(curves.items(), key=lambda kv: _layer_order(kv[0])):
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel(_step_label(rows))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+
+
+def _layer_order(label: str):
+    return (0, int(label.split()[-1])) if label.startswith("layer ") else (1, label)
+
+
+def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write `<analysis>.png` for each analysis present and `overview.png`; returns the overview path."""
+    rows, default_out = load_rows(run_dir)
+    out = Path(out_dir or default_out)
+    out.mkdir(parents=True, exist_ok=True)
+    present = [name for name in REGISTRY if any(k.startswith(name + "/") for r in rows for k in r)]
+    for name in present:
+        panels = _panels(rows, name)
+        cols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+        for ax, (metric, curves) in zip(axes.flat, sorted(panels.items()), strict=False):
+            _draw(ax, curves, metric, rows)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        fig.suptitle(f"{name} analysis — {Path(run_dir).resolve().name}")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 3.8), squeeze=False)
+    for ax, name in zip(axes.flat, present, strict=False):
+        key = REGISTRY[name].headline
+        metric = LAYER.match(key).group(1) if LAYER.match(key) else key
+        curves = _panels(rows, name).get(metric, {})
+        _draw(ax, curves, key, rows)
+    fig.suptitle(f"dynascope overview — {Path(run_dir).resolve().name}")
+    fig.tight_layout()
+    overview = out / "overview.png"
+    fig.savefig(overview, dpi=110)
+    plt.close(fig)
+    return overview

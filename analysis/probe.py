@@ -1,0 +1,46 @@
+"""The probe set: a fixed, seeded set of held-out token windows, identical at every checkpoint.
+
+The windows are drawn from the validation split, saved once in the run directory
+(`RUN_DIR/probe.safetensors`) and read back by the offline runner, so online and offline analyses see
+exactly the same tokens. Under data parallelism each rank takes a contiguous, disjoint shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dynascope.train.errors import DynascopeError
+
+PROBE_FILE = "probe.safetensors"
+
+
+def sample_probe(val_tokens: np.ndarray, n_windows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """`n_windows` windows of `length` tokens at seeded random offsets of the validation split."""
+    if len(val_tokens) < length:
+        raise DynascopeError(f"the validation split has {len(val_tokens)} tokens, fewer than one probe window "
+                             f"of {length}; add text or raise data.val_fraction")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(val_tokens) - length + 1, size=n_windows)
+    return torch.from_numpy(np.stack([val_tokens[s:s + length] for s in starts]).astype(np.int64))
+
+
+def save_probe(path: str | Path, tokens: torch.Tensor) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"tokens": tokens.contiguous()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_probe(path: str | Path) -> torch.Tensor:
+    if not Path(path).is_file():
+        raise DynascopeError(f"probe set {path} not found; it is written by the first analysis of `dynascope fit`")
+    return load_file(str(path))["tokens"]
+
+
+def shard(tokens: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous part of the probe set; the shards of all ranks are disjoint and cover it."""
+    return torch.tensor_split(tokens, world_size)[rank]

@@ -1,0 +1,161 @@
+"""The offline runner: replays analyses over saved snapshots, or over local Hugging Face checkpoints.
+
+`analyze_run` reads `RUN_DIR/config.yaml`, `RUN_DIR/probe.safetensors` and every snapshot in
+`RUN_DIR/snapshots/` in step order, and writes `RUN_DIR/analysis/metrics.csv` (one row per step, the
+keys the callback logs online), `summary.json` and `tables/`. `analyze_hf` does the same for a list
+of Hugging Face model directories, with a probe set and corpus counts built from the embedded corpus
+(or given files) with the model's own tokenizer. A snapshot that cannot be used (unreadable,
+altered, or not matching the config) is reported by name and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from dynascope.analysis.base import Analysis, build, measure
+from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe
+from dynascope.analysis.records import append_table, update_summary
+from dynascope.analysis.view import HFModelView, ModelView, OwnModelView
+from dynascope.train.data import Corpus, DataConfig, prepare_corpus
+from dynascope.train.errors import DynascopeError
+from dynascope.train.model import ModelConfig
+from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _replay(checkpoints: list[tuple[int, float, str]], load_view, probe: torch.Tensor, names: str | list[str],
+            out_dir: Path, batch_size: int) -> Report:
+    """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view."""
+    report = Report(out_dir)
+    analyses: list[Analysis] = []
+    for step, tokens_seen, label in tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt"):
+        try:
+            view = load_view(label)
+        except DynascopeError as e:
+            tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
+            report.skipped.append(label)
+            continue
+        if not analyses:
+            analyses = build(names, view)
+        for a in analyses:
+            a.step = step
+        values = measure(view, analyses, probe.to(view.device), batch_size)
+        report.rows.append({"step": step, "tokens_seen": tokens_seen, "label": label, **values})
+        for a in analyses:
+            for key, (columns, rows) in a.tables().items():
+                append_table(out_dir / "tables", key, step, columns, rows)
+    summary = {k: v for a in analyses for k, v in a.summary().items()}
+    if summary:
+        update_summary(out_dir / "summary.json", summary)
+    write_csv(out_dir / "metrics.csv", report.rows)
+    return report
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["step", "tokens_seen", "label"] + sorted({k for r in rows for k in r} - {"step", "tokens_seen", "label"})
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (v if k == "label" else float(v) if v != "" else float("nan")) for k, v in r.items()}
+                for r in csv.DictReader(f)]
+
+
+def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
+                batch_size: int = 16, device: str = "cpu") -> Report:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise DynascopeError(f"{run_dir} is not a dynascope run directory (no config.yaml)")
+    arch = ModelConfig(**yaml.safe_load(config_path.read_text())["model"]["arch"])
+    probe = load_probe(run_dir / PROBE_FILE)
+    manifest = read_manifest(run_dir)
+    if not manifest:
+        raise DynascopeError(f"{run_dir}/snapshots/manifest.jsonl lists no snapshots")
+    missing = sorted(set(steps or []) - set(manifest))
+    if missing:
+        raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
+    chosen = sorted(steps or manifest)
+
+    def load_view(label: str) -> ModelView:
+        step = int(label)
+        if manifest[step].get("config_hash") not in (None, arch.hash()):
+            raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
+        view = OwnModelView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
+        view.model.to(device)
+        return view
+
+    checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
+    return _replay(checkpoints, load_view, probe, analyses, run_dir / "analysis", batch_size)
+
+
+def _hf_eos(model_dir: Path) -> str:
+    cfg_path = model_dir / "tokenizer_config.json"
+    eos = json.loads(cfg_path.read_text()).get("eos_token") if cfg_path.exists() else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if not eos:
+        raise DynascopeError(f"{cfg_path} names no eos_token; the corpus needs one between documents")
+    return eos
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None,
+               analyses: str | list[str] = "all", data: DataConfig | None = None, n_windows: int = 64,
+               context_length: int = 128, batch_size: int = 16, device: str = "cpu") -> Report:
+    """Analyse local Hugging Face checkpoints, ordered by `labels` (a step number in each label, e.g.
+    `step3000`, becomes the x-axis; otherwise the position) or else by directory name."""
+    dirs = [Path(d) for d in model_dirs]
+    for d in dirs:
+        if not (d / "tokenizer.json").is_file():
+            raise DynascopeError(f"{d} has no tokenizer.json (a fast tokenizer is needed to build the probe set)")
+    if labels is not None and len(labels) != len(dirs):
+        raise DynascopeError(f"--labels has {len(labels)} entries for {len(dirs)} model directories")
+    pairs = list(zip(labels, dirs, strict=True)) if labels else sorted(((d.name, d) for d in dirs),
+                                                                       key=lambda p: _natural_key(p[0]))
+    data = data or DataConfig()
+    data.tokenizer, data.eos_token = str(pairs[0][1] / "tokenizer.json"), _hf_eos(pairs[0][1])
+    corpus = Corpus(prepare_corpus(data))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
+    save_probe(out_dir / PROBE_FILE, probe)
+    by_label = dict(pairs)
+
+    def load_view(label: str) -> ModelView:
+        view = HFModelView.from_dir(by_label[label])
+        view.model.to(device)
+        return view
+
+    def step_of(i: int, label: str) -> int:
+        digits = re.findall(r"\d+", label)
+        return int(digits[-1]) if digits and labels is not None else i
+
+    checkpoints = [(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)]
+    return _replay(checkpoints, load_view, probe, analyses, out_dir, batch_size)

@@ -1,0 +1,229 @@
+"""Model views: the only thing analyses know about a model.
+
+A view exposes `run_with_cache(tokens, names)` with TransformerLens hook names, residual patching at
+(hook name, position), the unembedding (`W_U` [V, d], optional `b_U`), the final norm as a callable,
+each MLP's input and value vectors, and the sizes. `OwnModelView` wraps dynascope's Transformer;
+`HFModelView` maps Hugging Face GPT-2, GPT-NeoX (Pythia) and Llama-family (OLMo-2, SmolLM) causal
+LMs onto the same names with forward hooks. For those, `blocks.{l}.hook_resid_mid` is not provided
+(GPT-NeoX's parallel residual has none), and for gated MLPs `mlp.hook_pre` is the gate
+pre-activation and `mlp.hook_post` the input of the down projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dynascope.train.errors import DynascopeError
+from dynascope.train.model import ModelConfig, Transformer
+
+Cache = dict[str, torch.Tensor]
+
+
+class ModelView:
+    """Base class: subclasses fill in the fields and `points` (hook name -> (module, "in" | "out"))."""
+
+    model: nn.Module
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    context_length: int
+    activation: str
+    points: dict[str, tuple[nn.Module, str]]
+
+    @property
+    def is_relu(self) -> bool:
+        return self.activation == "relu"
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        return None
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp_in(self, layer: int) -> torch.Tensor:
+        """Input weights [d_mlp, d] (rows read the residual stream)."""
+        raise NotImplementedError
+
+    def mlp_values(self, layer: int) -> torch.Tensor:
+        """Value vectors [d_mlp, d]: row i is what unit i writes to the residual stream."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def hooks(self, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+        unknown = sorted(set(fns) - set(self.points))
+        if unknown:
+            raise KeyError(f"unknown hook names {unknown}; available: {sorted(self.points)}")
+        handles = []
+        for name, fn in fns.items():
+            module, where = self.points[name]
+            if where == "out":
+                handles.append(module.register_forward_hook(lambda m, a, o, fn=fn: _apply_out(fn, o)))
+            else:
+                handles.append(module.register_forward_pre_hook(lambda m, a, k, fn=fn: _apply_in(fn, a, k),
+                                                                with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run_with_cache(self, tokens: torch.Tensor, names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+        cache: Cache = {}
+        with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
+            logits = self.forward(tokens)
+        return logits, cache
+
+    def patch_residual(self, tokens: torch.Tensor, name: str, position: int, vectors: torch.Tensor,
+                       names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+        """Forward pass with the activation at `name`, sequence `position`, replaced by `vectors` [B, d]."""
+
+        def overwrite(o: torch.Tensor) -> torch.Tensor:
+            o = o.clone()
+            o[:, position] = vectors.to(o.dtype)
+            return o
+
+        with self.hooks({name: overwrite}):
+            return self.run_with_cache(tokens, names)
+
+
+def _apply_out(fn, output):
+    if isinstance(output, tuple):
+        new = fn(output[0])
+        return None if new is None else (new, *output[1:])
+    return fn(output)
+
+
+def _apply_in(fn, args, kwargs):
+    if args:
+        new = fn(args[0])
+        return None if new is None else ((new, *args[1:]), kwargs)
+    new = fn(kwargs["hidden_states"])
+    return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+
+class OwnModelView(ModelView):
+    def __init__(self, model: Transformer):
+        self.model = model
+        c: ModelConfig = model.cfg
+        self.n_layers, self.d_model, self.d_mlp = c.n_layers, c.d_model, c.d_mlp
+        self.vocab_size, self.context_length, self.activation = c.vocab_size, c.context_length, c.activation
+        modules = dict(model.named_modules())
+        self.points = {n: (modules[n], "out") for n in model.hook_names()}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.model.unembed.weight
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.ln_final(h)
+
+    def mlp_in(self, layer: int) -> torch.Tensor:
+        mlp = self.model.blocks[layer].mlp
+        return (mlp.fc_gate or mlp.fc_in).weight
+
+    def mlp_values(self, layer: int) -> torch.Tensor:
+        return self.model.blocks[layer].mlp.fc_out.weight.T
+
+    @classmethod
+    def from_snapshot(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
+                      source: str = "snapshot") -> OwnModelView:
+        model = Transformer(cfg)
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise DynascopeError(f"{source} does not match the run's model config: {first}") from None
+        return cls(model.eval())
+
+
+# Per architecture: (blocks, embedding, final norm, MLP pre-activation, MLP output projection, activation attr)
+_HF_LAYOUTS = {
+    "gpt2": ("transformer.h", "transformer.wte", "transformer.ln_f", "mlp.c_fc", "mlp.c_proj", "activation_function"),
+    "gpt_neox": ("gpt_neox.layers", "gpt_neox.embed_in", "gpt_neox.final_layer_norm", "mlp.dense_h_to_4h",
+                 "mlp.dense_4h_to_h", "hidden_act"),
+    "llama": ("model.layers", "model.embed_tokens", "model.norm", "mlp.gate_proj", "mlp.down_proj", "hidden_act"),
+}
+_HF_LAYOUTS.update({k: _HF_LAYOUTS["llama"] for k in ("olmo", "olmo2", "mistral", "qwen2")})
+
+
+class HFModelView(ModelView):
+    """A Hugging Face causal LM (loaded from a local directory with `transformers`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+        cfg = model.config
+        if cfg.model_type not in _HF_LAYOUTS:
+            raise DynascopeError(f"model type {cfg.model_type!r} is not supported; supported: {sorted(_HF_LAYOUTS)}")
+        blocks, embed, norm, pre, out, act = _HF_LAYOUTS[cfg.model_type]
+        self._blocks = model.get_submodule(blocks)
+        self._norm = model.get_submodule(norm)
+        self.n_layers = len(self._blocks)
+        self.d_model = cfg.hidden_size
+        self._out_name = out
+        self.d_mlp = self.mlp_values(0).shape[0]
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.context_length = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+        a = str(getattr(cfg, act, "gelu")).lower()
+        self.activation = "relu" if a == "relu" else "gelu" if "gelu" in a else a
+        self.points = {"hook_embed": (model.get_submodule(embed), "out"),
+                       "ln_final.hook_normalized": (self._norm, "out")}
+        for l, block in enumerate(self._blocks):
+            self.points[f"blocks.{l}.hook_resid_pre"] = (block, "in")
+            self.points[f"blocks.{l}.hook_resid_post"] = (block, "out")
+            self.points[f"blocks.{l}.mlp.hook_pre"] = (block.get_submodule(pre), "out")
+            self.points[f"blocks.{l}.mlp.hook_post"] = (block.get_submodule(out), "in")
+
+    @classmethod
+    def from_dir(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> HFModelView:
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise DynascopeError("Hugging Face models need the hf extra: pip install 'dynascope[hf]'") from None
+        if not (Path(path) / "config.json").is_file():
+            raise DynascopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        return self.model.get_output_embeddings().weight
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        return getattr(self.model.get_output_embeddings(), "bias", None)
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self._norm(h)
+
+    def _weight(self, layer: int, name: str) -> torch.Tensor:
+        w = self._blocks[layer].get_submodule(name).weight
+        return w if self.model.config.model_type == "gpt2" else w.T  # GPT-2's Conv1D stores [in, out]
+
+    def mlp_in(self, layer: int) -> torch.Tensor:
+        return self._weight(layer, _HF_LAYOUTS[self.model.config.model_type][3]).T
+
+    def mlp_values(self, layer: int) -> torch.Tensor:
+        return self._weight(layer, self._out_name)

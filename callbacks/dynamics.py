@@ -1,0 +1,100 @@
+"""`DynamicsCallback`: runs the registered analyses on the probe set at every snapshot step.
+
+It knows nothing about any phenomenon: at each step of the checkpoint schedule (including step 0,
+before the first update) it switches to eval mode, runs one no-grad forward pass per probe batch on
+every rank's shard, lets each analysis update and compute (a collective), logs on rank 0 to every
+attached logger at `trainer/global_step` with `tokens_seen`, and restores train mode.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+
+from dynascope.analysis import build, resolve
+from dynascope.analysis.base import measure
+from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe, shard
+from dynascope.analysis.records import append_table, update_summary
+from dynascope.analysis.view import OwnModelView
+from dynascope.train.checkpoints import CheckpointSchedule, Snapshots
+
+
+class DynamicsCallback(L.Callback):
+    def __init__(self, analyses: str | list[str] = "all", probe_windows: int = 64, probe_seed: int = 0,
+                 batch_size: int = 16):
+        self.names = resolve(analyses)
+        self.probe_windows, self.probe_seed, self.batch_size = probe_windows, probe_seed, batch_size
+        self.analyses = []
+        self._carry: dict[str, dict[str, Any]] = {}
+        self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        snapshots = [cb for cb in trainer.callbacks if isinstance(cb, Snapshots)]
+        self.schedule = snapshots[0].schedule if snapshots else CheckpointSchedule()
+        path = Path(trainer.default_root_dir) / PROBE_FILE
+        if path.exists():
+            probe = load_probe(path)
+        else:  # seeded, so every rank draws the same windows; rank 0 keeps them for offline replay
+            val = trainer.datamodule.corpus.tokens("val")
+            probe = sample_probe(val, self.probe_windows, pl_module.arch.context_length, self.probe_seed)
+            if trainer.is_global_zero:
+                save_probe(path, probe)
+        self.probe = shard(probe, trainer.global_rank, trainer.world_size)
+        self.view = OwnModelView(pl_module.model)
+        self.analyses = build(self.names, self.view)
+        for a in self.analyses:
+            a.load_carry_state(self._carry.get(a.name, {}))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:  # a resumed run measured its current step before the checkpoint
+            self._maybe_run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._maybe_run(trainer, pl_module)
+
+    def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self.schedule.is_due(step, trainer.max_steps):
+            return  # under gradient accumulation this hook fires once per micro-batch
+        self._last_step = step
+        start = time.perf_counter()
+        was_training = pl_module.training
+        pl_module.eval()
+        for a in self.analyses:
+            a.step = step
+        values = measure(self.view, self.analyses, self.probe.to(pl_module.device), self.batch_size)
+        pl_module.train(was_training)
+        values |= {"dynamics/seconds": time.perf_counter() - start, "tokens_seen": float(pl_module.tokens_seen(step))}
+        if trainer.is_global_zero:
+            self._record(trainer, step, values)
+
+    def _record(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        summary = {k: v for a in self.analyses for k, v in a.summary().items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+            if isinstance(logger, WandbLogger):
+                logger.experiment.summary.update(summary)
+        if summary:
+            update_summary(run_dir / "summary.json", summary)
+        for a in self.analyses:
+            for key, (columns, rows) in a.tables().items():
+                append_table(run_dir / "tables", key, step, columns, rows)
+                for logger in trainer.loggers:
+                    if isinstance(logger, WandbLogger):
+                        logger.log_table(key, columns=columns, data=rows, step=step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"carry": {a.name: a.carry_state() for a in self.analyses}, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._carry = state_dict["carry"]
+        self._last_step = state_dict["last_step"]
+        for a in self.analyses:
+            a.load_carry_state(self._carry.get(a.name, {}))
+
+

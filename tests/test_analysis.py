@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynascope.analysis import build, resolve
+from dynascope.analysis.base import measure
+from dynascope.analysis.probe import sample_probe, shard
+from dynascope.analysis.view import OwnModelView
+from dynascope.train.errors import DynascopeError
+from dynascope.train.model import ModelConfig, Transformer
+
+
+def view() -> OwnModelView:
+    torch.manual_seed(0)
+    return OwnModelView(Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=40,
+                                                context_length=10)).eval())
+
+
+def test_basic_matches_direct_computation_and_is_batch_size_independent():
+    v = view()
+    tokens = torch.randint(0, 40, (7, 10))
+    (a,) = build("basic", v)
+    values = measure(v, [a], tokens, batch_size=3)
+    logits, cache = v.run_with_cache(tokens, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 40), tokens[:, 1:].reshape(-1))
+    assert values["basic/probe_loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert values["basic/resid_norm/L1"] == pytest.approx(cache["blocks.1.hook_resid_post"].norm(dim=-1).mean().item(),
+                                                          rel=1e-6)
+    rows = v.W_U.norm(dim=-1)
+    assert values["basic/unembed_row_norm_max"] == pytest.approx(rows.max().item(), rel=1e-6)
+    again = measure(v, [a], tokens, batch_size=7)  # reset between checkpoints, no carry-over
+    assert again == pytest.approx(values, rel=1e-6)
+
+
+def test_registry_resolves_names():
+    assert resolve("all") == list(resolve("all")) and "basic" in resolve("all")
+    assert resolve("basic") == ["basic"]
+    with pytest.raises(DynascopeError, match="unknown analyses"):
+        resolve("basic,nonsense")
+
+
+def test_probe_is_seeded_and_shards_cover_it():
+    val = torch.arange(1000).numpy()
+    p = sample_probe(val, 9, 20, seed=3)
+    assert torch.equal(p, sample_probe(val, 9, 20, seed=3)) and not torch.equal(p, sample_probe(val, 9, 20, seed=4))
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 20)) for row in p)  # contiguous windows
+    parts = [shard(p, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat(parts), p) and len(parts[0]) == 5
+    with pytest.raises(DynascopeError, match="fewer than one probe window"):
+        sample_probe(val[:10], 2, 20)
+
+
+def test_view_exposes_weights():
+    v = view()
+    assert v.mlp_values(1).shape == (32, 16) and v.mlp_in(0).shape == (32, 16) and v.W_U.shape == (40, 16)
+    h = torch.randn(3, 16)
+    torch.testing.assert_close(v.final_norm(h) @ v.W_U.T, v.model.unembed(v.model.ln_final(h)))
+    assert v.is_relu and not math.isnan(v.W_U.sum().item())
