@@ -25,6 +25,7 @@ class Analysis(Metric):
     name: ClassVar[str]
     headline: ClassVar[str]  # the key drawn in the overview plot
     carry: ClassVar[tuple[str, ...]] = ()  # attributes kept across checkpoints
+    curve_tables: ClassVar[tuple[str, ...]] = ()  # tables (x column, then one series per column) to plot per step
     full_state_update = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -72,8 +73,16 @@ def resolve(names: str | list[str]) -> list[str]:
     return names
 
 
-def build(names: str | list[str], view: ModelView) -> list[Analysis]:
-    return [REGISTRY[n](view).to(view.device) for n in resolve(names)]
+def build(names: str | list[str], view: ModelView, options: dict[str, dict] | None = None) -> list[Analysis]:
+    """Instantiate analyses; `options` maps an analysis name to keyword arguments of its constructor."""
+    options = options or {}
+    unknown = sorted(set(options) - set(REGISTRY))
+    if unknown:
+        raise DynascopeError(f"options given for unknown analyses {unknown}; registered: {', '.join(REGISTRY)}")
+    try:
+        return [REGISTRY[n](view, **options.get(n, {})).to(view.device) for n in resolve(names)]
+    except TypeError as e:
+        raise DynascopeError(f"bad analysis options {options}: {e}") from None
 
 
 def measure(view: ModelView, analyses: list[Analysis], tokens: torch.Tensor, batch_size: int = 16) -> dict[str, float]:

@@ -1,11 +1,13 @@
 """Emergence curves: one PNG per analysis and a one-page overview.
 
 Curves are drawn against step on a symmetric-log x axis (step 0, the initialisation, stays on the
-plot); the axis label gives the tokens per step. Per-layer keys (`.../L{l}`) share one panel per metric.
+plot); the axis label gives the tokens per step. Per-layer keys (`.../L{l}`) share one panel per
+metric. Curve tables (e.g. the regions analysis's median d̃(α)) get one figure with a curve per checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -23,19 +25,45 @@ from dynascope.train.errors import DynascopeError  # noqa: E402
 LAYER = re.compile(r"^(.*)/L(\d+)$")
 
 
-def load_rows(run_dir: str | Path) -> tuple[list[dict], Path]:
+def load_rows(run_dir: str | Path) -> tuple[list[dict], Path, Path]:
     """The offline table if `dynascope analyze` wrote one (in a run's analysis/ or an --hf output
-    directory), else the analysis rows logged online; with the directory the plots go to."""
+    directory), else the analysis rows logged online; with the tables directory and the plots directory."""
     run_dir = Path(run_dir)
     for table in (run_dir / "analysis" / "metrics.csv", run_dir / "metrics.csv"):
         if table.exists():
-            return read_csv(table), table.parent / "plots"
+            return read_csv(table), table.parent / "tables", table.parent / "plots"
     from dynascope.train.loggers import read_metrics
 
     rows = [dict(r, step=r["trainer/global_step"]) for r in read_metrics(run_dir) if "dynamics/seconds" in r]
     if not rows:
         raise DynascopeError(f"{run_dir} has no analysis rows: run `dynascope analyze {run_dir}` first")
-    return rows, run_dir / "analysis" / "plots"
+    return rows, run_dir / "tables", run_dir / "analysis" / "plots"
+
+
+def plot_curve_table(path: Path, out: Path, max_curves: int = 6) -> Path | None:
+    """One panel per series column; one curve per checkpoint (at most `max_curves`, spread over the run)."""
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return None
+    entries = sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])  # last write per step wins
+    n = min(max_curves, len(entries))
+    picks = sorted({round(i * (len(entries) - 1) / max(1, n - 1)) for i in range(n)})
+    columns = entries[0]["columns"]
+    fig, axes = plt.subplots(1, len(columns) - 1, figsize=(5 * (len(columns) - 1), 3.8), squeeze=False)
+    colors = plt.cm.viridis([i / max(1, len(picks) - 1) for i in range(len(picks))])
+    for j, ax in enumerate(axes.flat, start=1):
+        for color, i in zip(colors, picks, strict=True):
+            rows = entries[i]["rows"]
+            ax.plot([r[0] for r in rows], [r[j] for r in rows], color=color, label=f"step {entries[i]['step']}")
+        ax.set_xlabel(columns[0])
+        ax.set_title(f"{path.stem.replace('__', '/')} ({columns[j]})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    target = out / f"{path.stem}.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
 
 
 def _panels(rows: list[dict], analysis: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -77,7 +105,7 @@ def _layer_order(label: str):
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `<analysis>.png` for each analysis present and `overview.png`; returns the overview path."""
-    rows, default_out = load_rows(run_dir)
+    rows, tables, default_out = load_rows(run_dir)
     out = Path(out_dir or default_out)
     out.mkdir(parents=True, exist_ok=True)
     present = [name for name in REGISTRY if any(k.startswith(name + "/") for r in rows for k in r)]
@@ -94,6 +122,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
+        for key in REGISTRY[name].curve_tables:
+            table = tables / (key.replace("/", "__") + ".jsonl")
+            if table.exists():
+                plot_curve_table(table, out)
     fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 3.8), squeeze=False)
     for ax, name in zip(axes.flat, present, strict=False):
         key = REGISTRY[name].headline

@@ -40,7 +40,7 @@ class Report:
 
 
 def _replay(checkpoints: list[tuple[int, float, str]], load_view, probe: torch.Tensor, names: str | list[str],
-            out_dir: Path, batch_size: int) -> Report:
+            out_dir: Path, batch_size: int, options: dict[str, dict] | None = None) -> Report:
     """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view."""
     report = Report(out_dir)
     analyses: list[Analysis] = []
@@ -52,7 +52,7 @@ def _replay(checkpoints: list[tuple[int, float, str]], load_view, probe: torch.T
             report.skipped.append(label)
             continue
         if not analyses:
-            analyses = build(names, view)
+            analyses = build(names, view, options)
         for a in analyses:
             a.step = step
         values = measure(view, analyses, probe.to(view.device), batch_size)
@@ -85,12 +85,15 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
-                batch_size: int = 16, device: str = "cpu") -> Report:
+                batch_size: int | None = None, device: str = "cpu", options: dict[str, dict] | None = None) -> Report:
+    """Replay over a run's snapshots with the analysis options and probe batch size of its config."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise DynascopeError(f"{run_dir} is not a dynascope run directory (no config.yaml)")
-    arch = ModelConfig(**yaml.safe_load(config_path.read_text())["model"]["arch"])
+    config = yaml.safe_load(config_path.read_text())
+    arch = ModelConfig(**config["model"]["arch"])
+    dynamics = config.get("dynamics") or {}
     probe = load_probe(run_dir / PROBE_FILE)
     manifest = read_manifest(run_dir)
     if not manifest:
@@ -109,7 +112,9 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         return view
 
     checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
-    return _replay(checkpoints, load_view, probe, analyses, run_dir / "analysis", batch_size)
+    return _replay(checkpoints, load_view, probe, analyses, run_dir / "analysis",
+                   batch_size or dynamics.get("batch_size", 16),
+                   options if options is not None else dynamics.get("options"))
 
 
 def _hf_eos(model_dir: Path) -> str:
@@ -128,7 +133,8 @@ def _natural_key(name: str) -> list:
 
 def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None,
                analyses: str | list[str] = "all", data: DataConfig | None = None, n_windows: int = 64,
-               context_length: int = 128, batch_size: int = 16, device: str = "cpu") -> Report:
+               context_length: int = 128, batch_size: int = 16, device: str = "cpu",
+               options: dict[str, dict] | None = None) -> Report:
     """Analyse local Hugging Face checkpoints, ordered by `labels` (a step number in each label, e.g.
     `step3000`, becomes the x-axis; otherwise the position) or else by directory name."""
     dirs = [Path(d) for d in model_dirs]
@@ -158,4 +164,4 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         return int(digits[-1]) if digits and labels is not None else i
 
     checkpoints = [(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)]
-    return _replay(checkpoints, load_view, probe, analyses, out_dir, batch_size)
+    return _replay(checkpoints, load_view, probe, analyses, out_dir, batch_size, options)

@@ -25,8 +25,10 @@ from dynascope.train.checkpoints import CheckpointSchedule, Snapshots
 
 class DynamicsCallback(L.Callback):
     def __init__(self, analyses: str | list[str] = "all", probe_windows: int = 64, probe_seed: int = 0,
-                 batch_size: int = 16):
+                 batch_size: int = 16, options: dict[str, dict] | None = None):
+        """`options`: per-analysis constructor arguments, e.g. `{regions: {write_layers: [0, 3]}}`."""
         self.names = resolve(analyses)
+        self.options = options or {}
         self.probe_windows, self.probe_seed, self.batch_size = probe_windows, probe_seed, batch_size
         self.analyses = []
         self._carry: dict[str, dict[str, Any]] = {}
@@ -45,7 +47,7 @@ class DynamicsCallback(L.Callback):
                 save_probe(path, probe)
         self.probe = shard(probe, trainer.global_rank, trainer.world_size)
         self.view = OwnModelView(pl_module.model)
-        self.analyses = build(self.names, self.view)
+        self.analyses = build(self.names, self.view, self.options)
         for a in self.analyses:
             a.load_carry_state(self._carry.get(a.name, {}))
 

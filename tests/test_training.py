@@ -50,10 +50,11 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file, 
     # offline replay of every snapshot reproduces what the callback logged
     report = analyze_run(run)
     assert [r["step"] for r in report.rows] == sorted(manifest)
+    keys = analysis_keys(online[0])
+    assert {"basic/probe_loss", "regions/sharpness_median/L1"} <= set(keys)
     for row in report.rows:
-        for key, value in online[row["step"]].items():
-            if key.startswith("basic/"):
-                assert row[key] == pytest.approx(value, rel=1e-5), (row["step"], key)
+        for key in keys:
+            assert row[key] == pytest.approx(online[row["step"]][key], rel=1e-5, nan_ok=True), (row["step"], key)
     assert (run / "analysis" / "metrics.csv").exists()
 
     # a corrupt snapshot is named and skipped; the others are still analysed; the exit code says so
@@ -67,6 +68,12 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file, 
     assert [r["step"] for r in read_csv(run / "analysis" / "metrics.csv")] == [0, 1, 4, 6, 7]
     assert (run / "analysis" / "plots" / "overview.png").stat().st_size > 10_000
     assert (run / "analysis" / "plots" / "basic.png").exists()
+    assert (run / "analysis" / "plots" / "regions__median_curve.png").exists()
+    assert (run / "tables" / "regions__median_curve.jsonl").read_text().count("\n") == len(manifest)
+
+
+def analysis_keys(row: dict) -> list[str]:
+    return [k for k in row if "/" in k and not k.startswith(("dynamics/", "trainer/"))]
 
 
 def analysis_rows(run_dir: Path) -> dict[int, dict]:
@@ -118,5 +125,6 @@ def test_two_process_cpu_ddp_run(tmp_path, corpus_file):
     assert not torch.equal(load_snapshot(ddp, 2)["unembed.weight"], load_snapshot(single, 2)["unembed.weight"])
     # step 0: same weights and the same probe set, sharded over two ranks and reduced, give the same values
     one, two = analysis_rows(single)[0], analysis_rows(ddp)[0]
-    keys = [k for k in one if k.startswith("basic/")]
-    assert keys and all(two[k] == pytest.approx(one[k], rel=1e-6) for k in keys)
+    keys = analysis_keys(one)
+    assert "regions/sharpness_median" in keys
+    assert all(two[k] == pytest.approx(one[k], rel=1e-5) for k in keys), [(k, one[k], two[k]) for k in keys]

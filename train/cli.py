@@ -13,6 +13,7 @@ trainer.default_root_dir.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def _analyze_main(argv: list[str]) -> None:
     p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
     p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
     p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
+    p.add_argument("--options", type=json.loads,
+                   help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
     p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
@@ -127,10 +130,10 @@ def _analyze_main(argv: list[str]) -> None:
             p.error("--hf needs --out OUT_DIR")
         data = DataConfig(source="files", paths=a.data) if a.data else None
         report = analyze_hf(a.hf, a.out, a.labels.split(",") if a.labels else None, a.analyses, data,
-                            batch_size=a.batch_size, device=a.device)
+                            batch_size=a.batch_size or 16, device=a.device, options=a.options)
     elif a.run:
         steps = [int(s) for s in a.steps.split(",")] if a.steps else None
-        report = analyze_run(a.run, a.analyses, steps, a.batch_size, a.device)
+        report = analyze_run(a.run, a.analyses, steps, a.batch_size, a.device, a.options)
     else:
         p.error("give a run directory or --hf MODEL_DIR ...")
     print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.rows)} checkpoints)")

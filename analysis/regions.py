@@ -1,0 +1,132 @@
+"""`regions`: sharpness of stable-region boundaries in the residual stream.
+
+Janiak et al. 2024, "Characterizing stable regions in the residual stream of LLMs" (procedure of
+the authors' code, `jettjaniak/reometry`). For a prompt pair (A, B), take the residual stream after
+block `w` (`blocks.{w}.hook_resid_post`) at the last position for A and for B; for α on a fixed grid
+of N points patch x(α) = (1 − α)·A + α·B into A's forward pass at that layer and position, and read
+the final-norm output at the last position (`ln_final.hook_normalized`, the vector fed to the
+unembedding). d(α) = ‖out(α) − out(0)‖₂; pairs with d(1) ≤ 0.01 are dropped (counted);
+d̃ = d / d(1); sharpness S = max_k (d̃_{k+1} − d̃_k)·(N − 1): 1 for a straight line, N − 1 for a step.
+
+Keys, per write layer w (`/L{w}`) and, without the suffix, for the first write layer:
+`regions/sharpness_median`, `regions/sharpness_p25`, `regions/sharpness_p75` (over kept pairs),
+`regions/jumps_mean` (steps with Δd̃ > 0.2: a proxy for the number of regions crossed),
+`regions/kl_mid` (mean KL(p(α=0) ‖ p(α=½)) of the output distributions), `regions/dropped_pairs`,
+and for ReLU models `regions/relu_flips_mean` (units of the last MLP whose on/off state at the last
+position differs from α=0 somewhere along the path; compare with `jumps_mean`). The median curve
+d̃(α) per write layer is the table `regions/median_curve`.
+
+Departures from the paper: prompts are 10-token chunks of the probe windows, not unrelated random
+corpus chunks. A pair is the k-th chunk of a window's first half (A) and the k-th chunk of its second
+half (B), `pairs_per_window` per window (default 2, so 128 pairs for the default 64 probe windows):
+pairs then depend only on the window, so sharding the probe set over ranks does not change them.
+The two prompts of a pair may come from the same document. The default grid has N = 21 points (the
+paper's figures use 50, its scripts 11 or 30); S depends on N, so keep it fixed across runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.utilities import dim_zero_cat
+
+from dynascope.analysis.base import Analysis
+from dynascope.analysis.view import Cache, ModelView
+from dynascope.train.errors import DynascopeError
+
+JUMP = 0.2
+MIN_D1 = 0.01
+
+
+class Regions(Analysis):
+    name = "regions"
+    headline = "regions/sharpness_median"
+    curve_tables = ("regions/median_curve",)
+
+    def __init__(self, view: ModelView, write_layers: list[int] | None = None, n_alpha: int = 21,
+                 prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512, **kwargs):
+        super().__init__(view, **kwargs)
+        self.write_layers = write_layers if write_layers is not None else sorted({0, view.n_layers // 2})
+        if any(not 0 <= w < view.n_layers for w in self.write_layers):
+            raise DynascopeError(f"regions write_layers {self.write_layers} outside 0..{view.n_layers - 1}")
+        self.n_alpha, self.prompt_length, self.pairs_per_window, self.chunk = (n_alpha, prompt_length,
+                                                                                pairs_per_window, chunk)
+        for w in self.write_layers:
+            for state in ("sharpness", "jumps", "kl_mid", "flips", "curves"):
+                self.add_state(f"{state}_L{w}", default=[], dist_reduce_fx="cat")
+            self.add_state(f"dropped_L{w}", torch.tensor(0), dist_reduce_fx="sum")
+
+    def prompt_pairs(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A from the first half of each window, B from the second: [n_windows·pairs_per_window, L] each."""
+        L, half = self.prompt_length, windows.shape[1] // 2
+        if self.pairs_per_window * L > half:
+            raise DynascopeError(f"regions needs windows of at least {2 * self.pairs_per_window * L} tokens, "
+                                 f"got {windows.shape[1]}")
+        a = [windows[:, k * L:(k + 1) * L] for k in range(self.pairs_per_window)]
+        b = [windows[:, half + k * L:half + (k + 1) * L] for k in range(self.pairs_per_window)]
+        return torch.cat(a), torch.cat(b)
+
+    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+        self.view = view
+        A, B = self.prompt_pairs(tokens)
+        last_mlp = f"blocks.{view.n_layers - 1}.mlp.hook_pre"
+        extra = [last_mlp] if view.is_relu else []
+        for w in self.write_layers:
+            site = f"blocks.{w}.hook_resid_post"
+            logits_a, clean = view.run_with_cache(A, [site, "ln_final.hook_normalized", *extra])
+            _, clean_b = view.run_with_cache(B, [site])
+            a, b = clean[site][:, -1].float(), clean_b[site][:, -1].float()
+            alpha = torch.linspace(0, 1, self.n_alpha, device=a.device)
+            x = a[:, None] + alpha[None, :, None] * (b - a)[:, None]  # [P, N, d]
+            outs, lps, pres = [], [], []
+            reps = A.repeat_interleave(self.n_alpha, dim=0)
+            flat = x.reshape(-1, x.shape[-1])
+            for i in range(0, len(reps), self.chunk):  # all P·N patched sequences in a few batches
+                lg, c = view.patch_residual(reps[i:i + self.chunk], site, A.shape[1] - 1, flat[i:i + self.chunk],
+                                            ["ln_final.hook_normalized", *extra])
+                outs.append(c["ln_final.hook_normalized"][:, -1].float())
+                lps.append(lg[:, -1].float().log_softmax(-1))
+                if extra:
+                    pres.append(c[last_mlp][:, -1] > 0)
+            out = torch.cat(outs).view(len(A), self.n_alpha, -1)
+            d = (out - clean["ln_final.hook_normalized"][:, -1, None].float()).norm(dim=-1)  # [P, N]
+            keep = d[:, -1] > MIN_D1
+            getattr(self, f"dropped_L{w}").add_((~keep).sum())
+            dn = d[keep] / d[keep, -1:]
+            steps = dn.diff(dim=1)
+            getattr(self, f"sharpness_L{w}").append(steps.amax(dim=1) * (self.n_alpha - 1))
+            getattr(self, f"jumps_L{w}").append((steps > JUMP).sum(dim=1).float())
+            getattr(self, f"curves_L{w}").append(dn)
+            lp = torch.cat(lps).view(len(A), self.n_alpha, -1)[keep]
+            mid = (self.n_alpha - 1) // 2
+            getattr(self, f"kl_mid_L{w}").append((lp[:, 0].exp() * (lp[:, 0] - lp[:, mid])).sum(-1))
+            if extra:
+                on = torch.cat(pres).view(len(A), self.n_alpha, -1)[keep]
+                getattr(self, f"flips_L{w}").append((on != on[:, :1]).any(dim=1).sum(-1).float())
+
+    def _cat(self, state: str, w: int) -> torch.Tensor:
+        values = getattr(self, f"{state}_L{w}")
+        return dim_zero_cat(values) if len(values) else torch.empty(0)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for i, w in enumerate(self.write_layers):
+            s = self._cat("sharpness", w)
+            q = s.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=s.dtype)).tolist() if len(s) else [float("nan")] * 3
+            layer = {"sharpness_p25": q[0], "sharpness_median": q[1], "sharpness_p75": q[2],
+                     "jumps_mean": self._cat("jumps", w).mean().item(), "kl_mid": self._cat("kl_mid", w).mean().item(),
+                     "dropped_pairs": float(getattr(self, f"dropped_L{w}"))}
+            if self.view.is_relu:
+                layer["relu_flips_mean"] = self._cat("flips", w).mean().item()
+            out |= {f"regions/{k}/L{w}": v for k, v in layer.items()}
+            if i == 0:
+                out |= {f"regions/{k}": v for k, v in layer.items()}
+        # kept here because compute() sees the states gathered from all ranks, tables() does not
+        curves = [self._cat("curves", w) for w in self.write_layers]
+        medians = [c.median(dim=0).values.tolist() if len(c) else [float("nan")] * self.n_alpha for c in curves]
+        alpha = torch.linspace(0, 1, self.n_alpha).tolist()
+        self._median_curve = [[a, *(m[k] for m in medians)] for k, a in enumerate(alpha)]
+        return out
+
+    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        columns = ["alpha"] + [f"L{w}" for w in self.write_layers]
+        return {"regions/median_curve": (columns, self._median_curve)}
