@@ -44,6 +44,10 @@ class Analysis(Metric):
     def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         raise NotImplementedError
 
+    def observe_training(self, name: str, activation: torch.Tensor) -> None:
+        """Sees the training forward pass's activation at each of `hook_names()` when `train_batches`
+        is set (online only); a no-op by default."""
+
     def summary(self) -> dict[str, float]:
         """One-off events for the run summary (e.g. an emergence step); empty by default."""
         return {}

@@ -66,19 +66,21 @@ class ModelView:
         """Value vectors [d_mlp, d]: row i is what unit i writes to the residual stream."""
         raise NotImplementedError
 
+    def add_hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+        """Register `fn` on hook `name` until the returned handle's `remove()`."""
+        if name not in self.points:
+            raise KeyError(f"unknown hook name {name!r}; available: {sorted(self.points)}")
+        module, where = self.points[name]
+        if where == "out":
+            return module.register_forward_hook(lambda m, a, o: _apply_out(fn, o))
+        return module.register_forward_pre_hook(lambda m, a, k: _apply_in(fn, a, k), with_kwargs=True)
+
     @contextlib.contextmanager
     def hooks(self, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
         unknown = sorted(set(fns) - set(self.points))
         if unknown:
             raise KeyError(f"unknown hook names {unknown}; available: {sorted(self.points)}")
-        handles = []
-        for name, fn in fns.items():
-            module, where = self.points[name]
-            if where == "out":
-                handles.append(module.register_forward_hook(lambda m, a, o, fn=fn: _apply_out(fn, o)))
-            else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, k, fn=fn: _apply_in(fn, a, k),
-                                                                with_kwargs=True))
+        handles = [self.add_hook(name, fn) for name, fn in fns.items()]
         try:
             yield
         finally:

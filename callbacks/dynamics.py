@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from dynascope.analysis import build, resolve
@@ -52,8 +53,18 @@ class DynamicsCallback(L.Callback):
             a.load_carry_state(self._carry.get(a.name, {}))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Analyses that stream training activations get hooks on the training forward pass (grad
+        # enabled), which the probe passes (no grad) do not feed.
+        self._train_hooks = [
+            self.view.add_hook(name, lambda act, a=a, name=name: a.observe_training(name, act)
+                               if torch.is_grad_enabled() else None)
+            for a in self.analyses if getattr(a, "train_batches", False) for name in a.hook_names()]
         if trainer.global_step == 0:  # a resumed run measured its current step before the checkpoint
             self._maybe_run(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._train_hooks:
+            handle.remove()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         self._maybe_run(trainer, pl_module)
