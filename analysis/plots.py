@@ -76,6 +76,9 @@ def _panels(rows: list[dict], analysis: str) -> dict[str, dict[str, list[tuple[f
             m = LAYER.match(key)
             metric, label = (m.group(1), f"layer {m.group(2)}") if m else (key, key.split("/", 1)[1])
             panels[metric][label].append((r["step"], value))
+    for metric, curves in panels.items():  # a headline alias of a per-layer metric (e.g. its first layer)
+        if len(curves) > 1 and metric.split("/", 1)[1] in curves:
+            del curves[metric.split("/", 1)[1]]
     return panels
 
 
@@ -131,7 +134,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         key = REGISTRY[name].headline
         metric = LAYER.match(key).group(1) if LAYER.match(key) else key
         curves = _panels(rows, name).get(metric, {})
-        _draw(ax, curves, key, rows)
+        _draw(ax, curves, metric, rows)
     fig.suptitle(f"dynascope overview — {Path(run_dir).resolve().name}")
     fig.tight_layout()
     overview = out / "overview.png"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dynascope.analysis.base import Analysis, build, measure
@@ -102,6 +103,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
     if missing:
         raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
     chosen = sorted(steps or manifest)
+    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if (run_dir / "tokenizer.json").exists() else None
 
     def load_view(label: str) -> ModelView:
         step = int(label)
@@ -109,6 +111,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
         view = OwnModelView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
         view.model.to(device)
+        view.tokenizer = tokenizer
         return view
 
     checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
@@ -136,7 +139,8 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
                context_length: int = 128, batch_size: int = 16, device: str = "cpu",
                options: dict[str, dict] | None = None) -> Report:
     """Analyse local Hugging Face checkpoints, ordered by `labels` (a step number in each label, e.g.
-    `step3000`, becomes the x-axis; otherwise the position) or else by directory name."""
+    `step3000`, becomes the x-axis; otherwise the position) or else by directory name. Probe windows
+    have `context_length` tokens, or the model's maximum if that is shorter."""
     dirs = [Path(d) for d in model_dirs]
     for d in dirs:
         if not (d / "tokenizer.json").is_file():
@@ -150,6 +154,7 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     corpus = Corpus(prepare_corpus(data))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    context_length = min(context_length, HFModelView.from_dir(pairs[0][1]).context_length)
     probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
     save_probe(out_dir / PROBE_FILE, probe)
     by_label = dict(pairs)
@@ -157,6 +162,7 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     def load_view(label: str) -> ModelView:
         view = HFModelView.from_dir(by_label[label])
         view.model.to(device)
+        view.tokenizer = Tokenizer.from_file(str(by_label[label] / "tokenizer.json"))
         return view
 
     def step_of(i: int, label: str) -> int:

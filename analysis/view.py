@@ -66,6 +66,15 @@ class ModelView:
         """Value vectors [d_mlp, d]: row i is what unit i writes to the residual stream."""
         raise NotImplementedError
 
+    def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        """The MLP's output bias (a constant sub-update of no value vector), if any."""
+        return None
+
+    def decode(self, ids: list[int]) -> list[str]:
+        """Token strings for ids; views with a tokenizer (`self.tokenizer`) decode, others print the ids."""
+        tok = getattr(self, "tokenizer", None)
+        return [tok.decode([i]) if tok is not None else str(i) for i in ids]
+
     def add_hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
         """Register `fn` on hook `name` until the returned handle's `remove()`."""
         if name not in self.points:
@@ -146,6 +155,9 @@ class OwnModelView(ModelView):
 
     def mlp_values(self, layer: int) -> torch.Tensor:
         return self.model.blocks[layer].mlp.fc_out.weight.T
+
+    def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        return self.model.blocks[layer].mlp.fc_out.bias
 
     @classmethod
     def from_snapshot(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
@@ -229,3 +241,6 @@ class HFModelView(ModelView):
 
     def mlp_values(self, layer: int) -> torch.Tensor:
         return self._weight(layer, self._out_name)
+
+    def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        return getattr(self._blocks[layer].get_submodule(self._out_name), "bias", None)

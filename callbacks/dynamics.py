@@ -48,6 +48,10 @@ class DynamicsCallback(L.Callback):
                 save_probe(path, probe)
         self.probe = shard(probe, trainer.global_rank, trainer.world_size)
         self.view = OwnModelView(pl_module.model)
+        tokenizer = trainer.datamodule.corpus.tokenizer()
+        self.view.tokenizer = tokenizer
+        if trainer.is_global_zero:  # the offline runner decodes tables with the same tokenizer
+            tokenizer.save(str(Path(trainer.default_root_dir) / "tokenizer.json"))
         self.analyses = build(self.names, self.view, self.options)
         for a in self.analyses:
             a.load_carry_state(self._carry.get(a.name, {}))

@@ -6,7 +6,7 @@ from conftest import make_text
 
 transformers = pytest.importorskip("transformers")
 
-from dynascope.analysis.runner import analyze_hf  # noqa: E402
+from dynascope.analysis.runner import analyze_hf, read_csv  # noqa: E402
 from dynascope.analysis.view import HFModelView  # noqa: E402
 from dynascope.train.data import DataConfig, train_tokenizer  # noqa: E402
 
@@ -74,3 +74,29 @@ def test_analyze_hf_runs_on_saved_checkpoints(tmp_path, capsys):
         assert r["basic/unembed_row_norm_mean"] == pytest.approx(v.W_U.norm(dim=-1).mean().item(), rel=1e-6)
         assert 5.0 < r["basic/probe_loss"] < 6.5  # ~log(320) for random models
     assert (tmp_path / "out" / "metrics.csv").exists() and (tmp_path / "out" / "probe.safetensors").exists()
+
+
+def test_analyze_command_uploads_the_table_to_wandb(tmp_path, capsys):
+    import glob
+
+    import wandb_reader
+
+    from dynascope.train.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(200))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(iter([corpus.read_text()]), 320),
+                                                eos_token="<|endoftext|>")
+    dirs = []
+    for name in ("b-ckpt", "a-ckpt"):
+        tiny("gpt2").save_pretrained(tmp_path / name)
+        fast.save_pretrained(tmp_path / name)
+        dirs.append(str(tmp_path / name))
+    main(["analyze", "--hf", *dirs, "--out", str(tmp_path / "out"), "--analyses", "basic", "--data", str(corpus),
+          "--wandb"])
+    assert "overview: " in capsys.readouterr().out
+    (run_file,) = glob.glob(str(tmp_path / "out" / "wandb" / "*run-*" / "run-*.wandb"))
+    logged = [r for r in wandb_reader.history(run_file) if "basic/probe_loss" in r]
+    assert [r["trainer/global_step"] for r in logged] == [0, 1]  # ordered by directory name: a-ckpt first
+    table = {r["label"]: r for r in read_csv(tmp_path / "out" / "metrics.csv")}
+    assert logged[0]["basic/probe_loss"] == pytest.approx(table["a-ckpt"]["basic/probe_loss"])

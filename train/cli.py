@@ -122,6 +122,7 @@ def _analyze_main(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
     p.add_argument("--options", type=json.loads,
                    help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
+    p.add_argument("--no-plot", action="store_true", help="skip the plots (draw them later with `dynascope plot`)")
     p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
@@ -137,11 +138,10 @@ def _analyze_main(argv: list[str]) -> None:
     else:
         p.error("give a run directory or --hf MODEL_DIR ...")
     print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.rows)} checkpoints)")
-    if report.rows:
-        overview = plot_run(a.run or a.out)
-        print(f"overview: {overview}")
-        if a.wandb:
-            print(f"wandb run: {upload_to_wandb(report.rows, overview.parent, report.out_dir)}")
+    if report.rows and not a.no_plot:
+        print(f"overview: {plot_run(a.run or a.out)}")
+    if report.rows and a.wandb:
+        print(f"wandb run: {upload_to_wandb(report.rows, report.out_dir / 'plots', report.out_dir)}")
     if report.skipped:
         print(f"dynascope: {len(report.skipped)} checkpoint(s) skipped: {', '.join(report.skipped)}", file=sys.stderr)
         sys.exit(1)

@@ -1,0 +1,99 @@
+import pytest
+import torch
+from torch import nn
+
+from dynascope.analysis import build
+from dynascope.analysis.base import measure
+from dynascope.analysis.view import ModelView, OwnModelView
+from dynascope.train.model import HookPoint, ModelConfig, Transformer
+
+L, D = 4, 12  # layers; d_model = vocabulary = number of MLP units (identity unembedding and values)
+A_TOK, B_TOK, K = 3, 7, 2  # the final top-1 is B_TOK from layer K on; A_TOK before
+
+
+class Scripted(nn.Module):
+    """Emits a hand-built residual stream and MLP coefficients at every position."""
+
+    def __init__(self):
+        super().__init__()
+        self.resid = nn.ModuleList(HookPoint() for _ in range(L))
+        self.post = nn.ModuleList(HookPoint() for _ in range(L))
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        e = torch.eye(D)
+        for l in range(L):
+            m = 4 * e[B_TOK] if l == K else torch.zeros(D)  # the FFN at layer K promotes B_TOK by 4
+            before = 0.5 * e[B_TOK] + e[A_TOK]  # before that FFN, A_TOK leads (1 > 0.5), all else 0
+            r = before + 4 * e[B_TOK] if l >= K else e[A_TOK] * 2
+            self.post[l](m.expand(B, T, D))
+            x = self.resid[l](r.expand(B, T, D))
+        return x @ e
+
+
+class ScriptedView(ModelView):
+    def __init__(self):
+        self.model = Scripted()
+        self.n_layers, self.d_model, self.d_mlp, self.vocab_size, self.context_length = L, D, D, D, 16
+        self.activation = "relu"
+        self.points = {f"blocks.{l}.hook_resid_post": (self.model.resid[l], "out") for l in range(L)}
+        self.points |= {f"blocks.{l}.mlp.hook_post": (self.model.post[l], "out") for l in range(L)}
+
+    def forward(self, tokens):
+        return self.model(tokens)
+
+    @property
+    def W_U(self):
+        return torch.eye(D)
+
+    def final_norm(self, h):
+        return h
+
+    def mlp_values(self, layer):
+        return torch.eye(D)
+
+
+def test_saturation_layer_promotion_and_elimination_on_a_planted_stream():
+    v = ScriptedView()
+    (a,) = build("vocab", v, {"vocab": {"position_stride": 4, "coherence_values": 4}})
+    out = measure(v, [a], torch.zeros(3, 16, dtype=torch.long))
+    assert out["vocab/saturation_layer_mean"] == K
+    assert out["vocab/early_exit_saving"] == pytest.approx(1 - (K + 1) / L)
+    assert [out[f"vocab/agree_final/L{l}"] for l in range(L)] == [0, 0, 1, 1]
+    assert out[f"vocab/saturation_promoted_max/L{K}"] == pytest.approx(4.0)  # unit B_TOK's m·(e_B·v_B)
+    assert out[f"vocab/elimination_mean/L{K}"] == pytest.approx(0.0)  # A_TOK is eliminated by promoting B_TOK
+    assert out[f"vocab/promotion_max/L{K}"] == pytest.approx(4.0)
+    assert out["vocab/promotion_max/L0"] == 0.0 and out["vocab/promotion_rate/L0"] == 0.0  # no FFN signal at layer 0
+    assert out[f"vocab/promotion_rate/L{K}"] == pytest.approx(0.1)  # 1 of the 10 dominant units scores > 0
+    assert a.tables()["vocab/saturation_hist"][1][K] == [K, 1.0]
+
+
+def test_value_vector_set_to_an_unembedding_row_ranks_that_token_first():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=50, context_length=16))
+    v = OwnModelView(model.eval())
+    with torch.no_grad():
+        model.blocks[1].mlp.fc_out.weight[:, 5] = model.unembed.weight[42]
+    (a,) = build("vocab", v)
+    assert a.value_top_tokens(1, torch.tensor([5]), 3)[0, 0].item() == 42
+    out = measure(v, [a], torch.randint(0, 50, (4, 16)))
+    assert 0 <= out["vocab/saturation_layer_mean"] <= 1
+    assert -1 < out["vocab/random_coherence/L0"] < 1 and -1 < out["vocab/value_coherence/L1"] < 1
+
+
+def test_coherent_values_score_above_random_ones():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, vocab_size=60, context_length=16))
+    v = OwnModelView(model.eval())
+    with torch.no_grad():
+        # 4 clusters of 5 near-identical unit-norm unembedding rows, 40 unrelated rows of norm 1.5;
+        # every value vector points at a cluster centre, so its top 5 tokens are one cluster
+        centers = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+        rows = torch.cat([centers.repeat_interleave(5, 0) + 0.01 * torch.randn(20, 16),
+                          1.5 * torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)])
+        model.unembed.weight.copy_(rows)
+        model.blocks[0].mlp.fc_out.weight.copy_(centers[torch.arange(32) % 4].T)
+    (a,) = build("vocab", v, {"vocab": {"coherence_values": 32, "top_k": 5}})
+    out = measure(v, [a], torch.randint(0, 60, (2, 16)))
+    assert out["vocab/value_coherence/L0"] > 0.99
+    assert out["vocab/random_coherence/L0"] < 0.6
