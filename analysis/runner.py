@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tokenizers import Tokenizer
@@ -104,6 +105,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
     chosen = sorted(steps or manifest)
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if (run_dir / "tokenizer.json").exists() else None
+    counts = np.load(run_dir / "counts.npy") if (run_dir / "counts.npy").exists() else None
 
     def load_view(label: str) -> ModelView:
         step = int(label)
@@ -111,7 +113,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
         view = OwnModelView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
         view.model.to(device)
-        view.tokenizer = tokenizer
+        view.tokenizer, view.counts = tokenizer, counts
         return view
 
     checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
@@ -163,6 +165,7 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         view = HFModelView.from_dir(by_label[label])
         view.model.to(device)
         view.tokenizer = Tokenizer.from_file(str(by_label[label] / "tokenizer.json"))
+        view.counts = corpus.counts()
         return view
 
     def step_of(i: int, label: str) -> int:

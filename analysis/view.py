@@ -58,6 +58,10 @@ class ModelView:
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def final_norm_gain(self) -> torch.Tensor:
+        """The final norm's elementwise gain γ [d]."""
+        raise NotImplementedError
+
     def mlp_in(self, layer: int) -> torch.Tensor:
         """Input weights [d_mlp, d] (rows read the residual stream)."""
         raise NotImplementedError
@@ -149,6 +153,9 @@ class OwnModelView(ModelView):
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.ln_final(h)
 
+    def final_norm_gain(self) -> torch.Tensor:
+        return self.model.ln_final.weight
+
     def mlp_in(self, layer: int) -> torch.Tensor:
         mlp = self.model.blocks[layer].mlp
         return (mlp.fc_gate or mlp.fc_in).weight
@@ -231,6 +238,9 @@ class HFModelView(ModelView):
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self._norm(h)
+
+    def final_norm_gain(self) -> torch.Tensor:
+        return self._norm.weight
 
     def _weight(self, layer: int, name: str) -> torch.Tensor:
         w = self._blocks[layer].get_submodule(name).weight

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
@@ -34,6 +35,7 @@ class DynamicsCallback(L.Callback):
         self.analyses = []
         self._carry: dict[str, dict[str, Any]] = {}
         self._last_step = -1
+        self._summary: dict[str, float] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         snapshots = [cb for cb in trainer.callbacks if isinstance(cb, Snapshots)]
@@ -48,10 +50,11 @@ class DynamicsCallback(L.Callback):
                 save_probe(path, probe)
         self.probe = shard(probe, trainer.global_rank, trainer.world_size)
         self.view = OwnModelView(pl_module.model)
-        tokenizer = trainer.datamodule.corpus.tokenizer()
-        self.view.tokenizer = tokenizer
-        if trainer.is_global_zero:  # the offline runner decodes tables with the same tokenizer
-            tokenizer.save(str(Path(trainer.default_root_dir) / "tokenizer.json"))
+        corpus = trainer.datamodule.corpus
+        self.view.tokenizer, self.view.counts = corpus.tokenizer(), corpus.counts()
+        if trainer.is_global_zero:  # the offline runner reads the same tokenizer and corpus counts
+            self.view.tokenizer.save(str(Path(trainer.default_root_dir) / "tokenizer.json"))
+            np.save(Path(trainer.default_root_dir) / "counts.npy", self.view.counts)
         self.analyses = build(self.names, self.view, self.options)
         for a in self.analyses:
             a.load_carry_state(self._carry.get(a.name, {}))
@@ -92,6 +95,10 @@ class DynamicsCallback(L.Callback):
     def _record(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
         run_dir = Path(trainer.default_root_dir)
         summary = {k: v for a in self.analyses for k, v in a.summary().items()}
+        for key in summary.keys() | self._summary.keys():
+            if summary.get(key) != self._summary.get(key):  # an emergence step appeared or was revised
+                print(f"dynascope: step {step}: {key} = {summary.get(key, 'revised away')}")
+        self._summary = summary
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
             if isinstance(logger, WandbLogger):

@@ -51,7 +51,8 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tmp_path, corpus_file, 
     report = analyze_run(run)
     assert [r["step"] for r in report.rows] == sorted(manifest)
     keys = analysis_keys(online[0])
-    assert {"basic/probe_loss", "regions/sharpness_median/L1", "sparsity/batch_usage/L1"} <= set(keys)
+    assert {"basic/probe_loss", "regions/sharpness_median/L1", "sparsity/batch_usage/L1", "vocab/agree_final/L0",
+            "outliers/score_max", "frequency/r2_corpus", "frequency/wu_rel_change"} <= set(online[4])
     train_dead = [online[s]["sparsity/train_dead_frac/L0"] for s in sorted(online)[1:]]
     assert all(0 <= d < 1 for d in train_dead) and "sparsity/train_dead_frac/L0" not in online[0]
     for row in report.rows:
