@@ -21,6 +21,8 @@ Fitted here by ridge-stabilised least squares in float64 (λ = 1e-3, centred), o
   `frequency/wu_rel_change` = ‖W_t − W_prev‖ / ‖W_t‖, so the curves show whether the encoding settles
   before the weights do. `frequency/converged_step` in the summary: the first checkpoint with
   r2_corpus ≥ `r2_fraction` (0.9) × its running maximum and direction_cos_prev ≥ `cos_threshold` (0.95).
+  Departure: r2_corpus must also reach `min_r2` (0.5); without it the rule fires in the first steps,
+  where the weights (so A) barely move and the running maximum of a near-zero R² is itself near zero.
 
 Tied embeddings: W_U is then also the input embedding, so the frequency code is pushed from both
 ends and lives in the inputs too; the fit is the same, on the shared matrix. The target α of paper B
@@ -62,10 +64,10 @@ class Frequency(Analysis):
     carry = ("prev_A", "prev_W", "best_r2", "converged_step")
 
     def __init__(self, view: ModelView, min_count: int = 10, position_stride: int = 4, r2_fraction: float = 0.9,
-                 cos_threshold: float = 0.95, seed: int = 0, **kwargs: Any):
+                 cos_threshold: float = 0.95, min_r2: float = 0.5, seed: int = 0, **kwargs: Any):
         super().__init__(view, **kwargs)
         self.min_count, self.position_stride, self.seed = min_count, position_stride, seed
-        self.r2_fraction, self.cos_threshold = r2_fraction, cos_threshold
+        self.r2_fraction, self.cos_threshold, self.min_r2 = r2_fraction, cos_threshold, min_r2
         self.add_state("prob_sum", torch.zeros(view.vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("h", default=[], dist_reduce_fx="cat")
@@ -125,7 +127,7 @@ class Frequency(Analysis):
 
     def _track_convergence(self, r2: float, cos: float | None) -> None:
         self.best_r2 = max(self.best_r2, r2)
-        if (self.converged_step is None and cos is not None and r2 >= self.r2_fraction * self.best_r2
+        if (self.converged_step is None and cos is not None and r2 >= max(self.min_r2, self.r2_fraction * self.best_r2)
                 and cos >= self.cos_threshold):
             self.converged_step = self.step
 

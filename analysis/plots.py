@@ -129,12 +129,18 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
             table = tables / (key.replace("/", "__") + ".jsonl")
             if table.exists():
                 plot_curve_table(table, out)
-    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 3.8), squeeze=False)
+    cols = min(3, max(1, len(present)))
+    nrows = math.ceil(max(1, len(present)) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 3.8 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, present, strict=False):
         key = REGISTRY[name].headline
         metric = LAYER.match(key).group(1) if LAYER.match(key) else key
         curves = _panels(rows, name).get(metric, {})
         _draw(ax, curves, metric, rows)
+        if not curves:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, color="gray")
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
     fig.suptitle(f"dynascope overview — {Path(run_dir).resolve().name}")
     fig.tight_layout()
     overview = out / "overview.png"

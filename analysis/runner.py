@@ -105,7 +105,11 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
     chosen = sorted(steps or manifest)
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if (run_dir / "tokenizer.json").exists() else None
-    counts = np.load(run_dir / "counts.npy") if (run_dir / "counts.npy").exists() else None
+    if (run_dir / "counts.npy").exists():
+        counts = np.load(run_dir / "counts.npy")
+    else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
+        cache_dir = (config.get("data") or {}).get("cache_dir")
+        counts = Corpus(prepare_corpus(DataConfig.from_config(config), cache_dir)).counts()
 
     def load_view(label: str) -> ModelView:
         step = int(label)

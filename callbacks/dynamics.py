@@ -95,8 +95,8 @@ class DynamicsCallback(L.Callback):
     def _record(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
         run_dir = Path(trainer.default_root_dir)
         summary = {k: v for a in self.analyses for k, v in a.summary().items()}
-        for key in summary.keys() | self._summary.keys():
-            if summary.get(key) != self._summary.get(key):  # an emergence step appeared or was revised
+        for key in sorted(summary.keys() | self._summary.keys()):
+            if key.endswith("_step") and summary.get(key) != self._summary.get(key):  # appeared or was revised
                 print(f"dynascope: step {step}: {key} = {summary.get(key, 'revised away')}")
         self._summary = summary
         for logger in trainer.loggers:

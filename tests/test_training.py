@@ -133,3 +133,49 @@ def test_two_process_cpu_ddp_run(tmp_path, corpus_file):
     assert "regions/sharpness_median" in keys
     for k in keys:
         assert two[k] == pytest.approx(one[k], rel=1e-5, nan_ok=True), k
+
+
+def test_sigterm_writes_a_resume_checkpoint(tmp_path, corpus_file):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    exe = Path(sys.executable).parent / "dynascope"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([str(exe), *tiny_args(corpus_file, run, 100000, "--dynamics.analyses", "basic")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "snapshots" / "step_00000008.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert 8 <= ckpt["global_step"] < 100000
+    assert ckpt["global_step"] >= max(read_manifest(run))  # nothing snapshotted beyond what can be resumed
+
+
+def test_one_off_events_reach_the_wandb_summary_and_summary_json(tmp_path, corpus_file, capsys):
+    from dynascope.analysis.base import REGISTRY, Analysis
+
+    class Event(Analysis):
+        name = "event"
+        headline = "event/value"
+
+        def update(self, view, tokens, logits, cache):
+            pass
+
+        def compute(self):
+            return {"event/value": float(self.step)}
+
+        def summary(self):
+            return {"event/first_step": 2.0} if self.step >= 2 else {}
+
+    try:
+        run = tmp_path / "run"
+        fit_cli(tiny_args(corpus_file, run, 4, "--dynamics.analyses", "basic,event"))
+    finally:
+        del REGISTRY["event"]
+    assert json.loads((run / "summary.json").read_text()) == {"event/first_step": 2.0}
+    (wandb_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert wandb_reader.summary(wandb_file)["event/first_step"] == 2.0
+    assert "dynascope: step 2: event/first_step = 2.0" in capsys.readouterr().out

@@ -70,16 +70,11 @@ def run_config(run_dir: str | Path) -> dict:
     return read_config(Path(run_dir) / "config.yaml")
 
 
-def data_config(cfg: dict) -> DataConfig:
-    d = cfg.get("data") or {}
-    return DataConfig(**{k: d[k] for k in DataConfig.__dataclass_fields__ if d.get(k) is not None})
-
-
 def batch_text(run_dir: str | Path, step: int, rank: int = 0, micro: int = 0) -> list[str]:
     """The training windows of (step, rank, micro-batch) of a run, decoded."""
     cfg = run_config(run_dir)
     d, T = cfg["data"], cfg["model"]["arch"]["context_length"]
-    corpus = Corpus(prepare_corpus(data_config(cfg), d.get("cache_dir")))
+    corpus = Corpus(prepare_corpus(DataConfig.from_config(cfg), d.get("cache_dir")))
     x, y = sample_batch(corpus.tokens("train"), d["batch_size"], T, d["seed"], step, rank, micro)
     tok = corpus.tokenizer()
     full = [row + [last] for row, last in zip(x.tolist(), y[:, -1].tolist(), strict=True)]
@@ -92,7 +87,7 @@ def _prepare_main(argv: list[str]) -> None:
     p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
     a = p.parse_args(argv)
     cfg = read_config(a.config)
-    print(prepare_corpus(data_config(cfg), cfg.get("data", {}).get("cache_dir")))
+    print(prepare_corpus(DataConfig.from_config(cfg), (cfg.get("data") or {}).get("cache_dir")))
 
 
 def _batch_main(argv: list[str]) -> None:

@@ -60,6 +60,12 @@ class DataConfig:
     vocab_size: int = 4096
     val_fraction: float = 0.05
 
+    @classmethod
+    def from_config(cls, config: dict) -> DataConfig:
+        """From the `data:` section of a YAML preset or a run's config.yaml."""
+        d = config.get("data") or {}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None})
+
     def key(self) -> str:
         d = asdict(self)
         files = [p for p in [*self.paths, self.tokenizer] if p and os.path.exists(p)]
