@@ -48,8 +48,8 @@ class Analysis(Metric):
         """Sees the training forward pass's activation at each of `hook_names()` when `train_batches`
         is set (online only); a no-op by default."""
 
-    def summary(self) -> dict[str, float]:
-        """One-off events for the run summary (e.g. an emergence step); empty by default."""
+    def summary(self) -> dict[str, float | None]:
+        """One-off events for the run summary (e.g. an emergence step; None once revised away)."""
         return {}
 
     def tables(self) -> dict[str, tuple[list[str], list[list]]]:

@@ -200,11 +200,12 @@ class Outliers(Analysis):
             self.emergence_step = None
             self.revisions.append((self.step, None))
 
-    def summary(self) -> dict[str, float]:
-        if self.emergence_step is None:
+    def summary(self) -> dict[str, float | None]:
+        """Once ODs have appeared: the emergence step, None while it is revised away, and the revisions."""
+        if not self.revisions:
             return {}
-        return {"outliers/emergence_step": float(self.emergence_step),
-                "outliers/emergence_revisions": float(len(self.revisions) - 1)}
+        step = None if self.emergence_step is None else float(self.emergence_step)
+        return {"outliers/emergence_step": step, "outliers/emergence_revisions": float(len(self.revisions) - 1)}
 
     def tables(self) -> dict[str, tuple[list[str], list[list]]]:
         return {"outliers/dims": (["rank", "dimension"], [[i, dim] for i, dim in enumerate(self._ods)])}

@@ -122,7 +122,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         for ax in axes.flat[len(panels):]:
             ax.set_visible(False)
         fig.suptitle(f"{name} analysis — {Path(run_dir).resolve().name}")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # room for the suptitle
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
         for key in REGISTRY[name].curve_tables:
@@ -142,7 +142,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     for ax in axes.flat[len(present):]:
         ax.set_visible(False)
     fig.suptitle(f"dynascope overview — {Path(run_dir).resolve().name}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     overview = out / "overview.png"
     fig.savefig(overview, dpi=110)
     plt.close(fig)

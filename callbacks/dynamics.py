@@ -97,7 +97,8 @@ class DynamicsCallback(L.Callback):
         summary = {k: v for a in self.analyses for k, v in a.summary().items()}
         for key in sorted(summary.keys() | self._summary.keys()):
             if key.endswith("_step") and summary.get(key) != self._summary.get(key):  # appeared or was revised
-                print(f"dynascope: step {step}: {key} = {summary.get(key, 'revised away')}")
+                value = summary.get(key)
+                print(f"dynascope: step {step}: {key} = {'none (revised away)' if value is None else value}")
         self._summary = summary
         for logger in trainer.loggers:
             logger.log_metrics(values, step=step)
