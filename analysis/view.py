@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dynascope.train.errors import DynascopeError
-from dynascope.train.model import ModelConfig, Transformer
+from dynascope.train.model import ModelConfig, Transformer, overwrite_position
 
 Cache = dict[str, torch.Tensor]
 
@@ -109,13 +109,7 @@ class ModelView:
     def patch_residual(self, tokens: torch.Tensor, name: str, position: int, vectors: torch.Tensor,
                        names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
         """Forward pass with the activation at `name`, sequence `position`, replaced by `vectors` [B, d]."""
-
-        def overwrite(o: torch.Tensor) -> torch.Tensor:
-            o = o.clone()
-            o[:, position] = vectors.to(o.dtype)
-            return o
-
-        with self.hooks({name: overwrite}):
+        with self.hooks({name: overwrite_position(position, vectors)}):
             return self.run_with_cache(tokens, names)
 
 

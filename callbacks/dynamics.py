@@ -22,10 +22,10 @@ from dynascope.analysis.base import measure
 from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe, shard
 from dynascope.analysis.records import append_table, update_summary
 from dynascope.analysis.view import OwnModelView
-from dynascope.train.checkpoints import CheckpointSchedule, Snapshots
+from dynascope.train.checkpoints import CheckpointSchedule, OnSchedule, Snapshots
 
 
-class DynamicsCallback(L.Callback):
+class DynamicsCallback(OnSchedule):
     def __init__(self, analyses: str | list[str] = "all", probe_windows: int = 64, probe_seed: int = 0,
                  batch_size: int = 16, options: dict[str, dict] | None = None):
         """`options`: per-analysis constructor arguments, e.g. `{regions: {write_layers: [0, 3]}}`."""
@@ -66,21 +66,13 @@ class DynamicsCallback(L.Callback):
             self.view.add_hook(name, lambda act, a=a, name=name: a.observe_training(name, act)
                                if torch.is_grad_enabled() else None)
             for a in self.analyses if getattr(a, "train_batches", False) for name in a.hook_names()]
-        if trainer.global_step == 0:  # a resumed run measured its current step before the checkpoint
-            self._maybe_run(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._train_hooks:
             handle.remove()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self._maybe_run(trainer, pl_module)
-
-    def _maybe_run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step or not self.schedule.is_due(step, trainer.max_steps):
-            return  # under gradient accumulation this hook fires once per micro-batch
-        self._last_step = step
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()

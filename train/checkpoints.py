@@ -35,25 +35,38 @@ class CheckpointSchedule:
         return [s for s in range(max_steps + 1) if self.is_due(s, max_steps)]
 
 
-class Snapshots(L.Callback):
+class OnSchedule(L.Callback):
+    """Acts once at each scheduled step: step 0 before the first update, then after the updates that
+    reach a scheduled step. A resumed run already acted at its current step before the checkpoint."""
+
+    schedule: CheckpointSchedule
+    _last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._maybe_act(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._maybe_act(trainer, pl_module)
+
+    def _maybe_act(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self.schedule.is_due(step, trainer.max_steps):
+            return  # under gradient accumulation on_train_batch_end fires once per micro-batch
+        self._last_step = step
+        self.on_scheduled_step(trainer, pl_module, step)
+
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        raise NotImplementedError
+
+
+class Snapshots(OnSchedule):
     """Writes a weights-only snapshot at every scheduled step, including step 0 before any update."""
 
     def __init__(self, log_cap: int = 512, every: int = 1000):
         self.schedule = CheckpointSchedule(log_cap, every)
-        self._last_step = -1
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run wrote its current step before the checkpoint
-            self._maybe_write(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        self._maybe_write(trainer, pl_module)
-
-    def _maybe_write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step or not self.schedule.is_due(step, trainer.max_steps):
-            return  # under gradient accumulation this hook fires once per micro-batch
-        self._last_step = step
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         # Collective under FSDP (gathers full weights), so every rank calls it; only rank 0 writes.
         state = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:

@@ -49,6 +49,17 @@ class ModelConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def overwrite_position(position: int, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook function that replaces the activation at sequence `position` by `vectors` [B, d]."""
+
+    def overwrite(o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, position] = vectors.to(o.dtype)
+        return o
+
+    return overwrite
+
+
 class HookPoint(nn.Identity):
     """Marks a named activation; forward hooks on it read or replace the activation."""
 
@@ -195,11 +206,5 @@ class Transformer(nn.Module):
     def patch_residual(self, tokens: torch.Tensor, name: str, position: int, vectors: torch.Tensor,
                        names: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward pass with the activation at hook `name`, sequence `position`, replaced by `vectors` [B, d]."""
-
-        def overwrite(o: torch.Tensor) -> torch.Tensor:
-            o = o.clone()
-            o[:, position] = vectors.to(o.dtype)
-            return o
-
-        with self.hooks({name: overwrite}):
+        with self.hooks({name: overwrite_position(position, vectors)}):
             return self.run_with_cache(tokens, names)
