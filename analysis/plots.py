@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dynascope.analysis.base import REGISTRY  # noqa: E402
+from dynascope.analysis.records import read_metrics  # noqa: E402
 from dynascope.analysis.runner import read_csv  # noqa: E402
 from dynascope.train.errors import DynascopeError  # noqa: E402
 
@@ -32,8 +33,6 @@ def load_rows(run_dir: str | Path) -> tuple[list[dict], Path, Path]:
     for table in (run_dir / "analysis" / "metrics.csv", run_dir / "metrics.csv"):
         if table.exists():
             return read_csv(table), table.parent / "tables", table.parent / "plots"
-    from dynascope.train.loggers import read_metrics
-
     rows = [dict(r, step=r["trainer/global_step"]) for r in read_metrics(run_dir) if "dynamics/seconds" in r]
     if not rows:
         raise DynascopeError(f"{run_dir} has no analysis rows: run `dynascope analyze {run_dir}` first")

@@ -1,10 +1,15 @@
-"""Files that analyses leave next to their metrics: the run summary and small per-step tables."""
+"""Run records: the metrics rows training logged, the run summary and small per-step tables."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def update_summary(path: str | Path, values: dict[str, float]) -> dict:

@@ -58,3 +58,13 @@ def test_view_exposes_weights():
     h = torch.randn(3, 16)
     torch.testing.assert_close(v.final_norm(h) @ v.W_U.T, v.model.unembed(v.model.ln_final(h)))
     assert v.is_relu and not math.isnan(v.W_U.sum().item())
+
+
+def test_analysis_package_imports_no_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, dynascope.analysis.runner, dynascope.analysis.plots; "
+            "print(any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -13,9 +13,10 @@ import torch
 import wandb_reader
 from conftest import tiny_args
 
+from dynascope.analysis.records import read_metrics
 from dynascope.analysis.runner import analyze_run, read_csv
 from dynascope.train.cli import fit_cli, main
-from dynascope.train.loggers import finish_wandb, read_metrics
+from dynascope.train.loggers import finish_wandb
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
 

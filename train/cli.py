@@ -24,7 +24,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from dynascope.callbacks.dynamics import DynamicsCallback
 from dynascope.train.checkpoints import ResumeCheckpoints, Snapshots
-from dynascope.train.data import Corpus, CorpusDataModule, DataConfig, prepare_corpus, sample_batch
+from dynascope.train.data import Corpus, DataConfig, prepare_corpus, sample_batch
+from dynascope.train.datamodule import CorpusDataModule
 from dynascope.train.errors import DynascopeError
 from dynascope.train.loggers import JsonlLogger, finish_wandb, make_wandb_logger
 from dynascope.train.module import LanguageModel

@@ -24,11 +24,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
 from dynascope.train.errors import DynascopeError
 
@@ -270,43 +269,3 @@ class StepBatches(IterableDataset):
             for micro in range(self.accumulate):
                 yield sample_batch(self.tokens, self.batch_size, self.context_length, self.seed, step, self.rank, micro)
             step += 1
-
-
-class CorpusDataModule(L.LightningDataModule):
-    """Training batches from a prepared corpus. `context_length` is linked from the model's config."""
-
-    def __init__(self, source: str = "embedded", corpus: str = "wiki", paths: list[str] | None = None,
-                 hf_name: str | None = None, hf_config: str | None = None, hf_split: str = "train",
-                 hf_max_docs: int | None = None, text_column: str = "text", tokenizer: str | None = None,
-                 eos_token: str = EOS, vocab_size: int = 4096, val_fraction: float = 0.05, batch_size: int = 16,
-                 context_length: int = 128, seed: int = 1234, cache_dir: str | None = None):
-        super().__init__()
-        self.config = DataConfig(source=source, corpus=corpus, paths=list(paths or []), hf_name=hf_name,
-                                 hf_config=hf_config, hf_split=hf_split, hf_max_docs=hf_max_docs,
-                                 text_column=text_column, tokenizer=tokenizer, eos_token=eos_token,
-                                 vocab_size=vocab_size, val_fraction=val_fraction)
-        self.batch_size, self.context_length, self.seed, self.cache_dir = batch_size, context_length, seed, cache_dir
-        self.corpus: Corpus | None = None
-
-    def prepare_data(self) -> None:
-        prepare_corpus(self.config, self.cache_dir)
-
-    def setup(self, stage: str) -> None:
-        self.corpus = Corpus(prepare_corpus(self.config, self.cache_dir))
-        for split in ("train", "val"):
-            n = self.corpus.meta[f"n_{split}"]
-            if n < self.context_length + 1:
-                raise DynascopeError(
-                    f"the {split} split of corpus {self.corpus.path} has {n} tokens, fewer than one window of "
-                    f"context_length + 1 = {self.context_length + 1}; add text or lower model.arch.context_length"
-                    + (" or raise data.val_fraction" if split == "val" else ""))
-
-    def tokens_per_step(self) -> int:
-        t = self.trainer
-        return self.batch_size * self.context_length * t.accumulate_grad_batches * t.world_size
-
-    def train_dataloader(self) -> DataLoader:
-        t = self.trainer
-        ds = StepBatches(self.corpus.tokens("train"), self.batch_size, self.context_length, self.seed,
-                         t.global_step, t.global_rank, t.accumulate_grad_batches)
-        return DataLoader(ds, batch_size=None)

@@ -52,11 +52,6 @@ class JsonlLogger(Logger):
         pass  # LightningCLI already writes RUN_DIR/config.yaml
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
