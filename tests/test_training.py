@@ -181,3 +181,16 @@ def test_one_off_events_reach_the_wandb_summary_and_summary_json(tmp_path, corpu
     (wandb_file,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert wandb_reader.summary(wandb_file)["event/first_step"] == 2.0
     assert "dynascope: step 2: event/first_step = 2.0" in capsys.readouterr().out
+
+
+def test_gelu_preset_logs_every_analysis(tmp_path, corpus_file):
+    run = tmp_path / "gelu"
+    args = tiny_args(corpus_file, run, 2)
+    args[args.index("configs/tiny-relu.yaml")] = "configs/tiny-gpt.yaml"
+    fit_cli(args)
+    row = analysis_rows(run)[2]
+    for key in ("sparsity/token_density_mean/L1", "vocab/saturation_layer_mean", "regions/sharpness_median",
+                "outliers/score_max", "frequency/r2_output", "basic/probe_loss"):
+        assert key in row and row[key] == row[key], key  # present and not NaN
+    assert 0 < row["sparsity/token_density_mean/L1"] < 1  # GELU: the pre-activation sign
+    assert "regions/relu_flips_mean" not in row
