@@ -6,6 +6,7 @@ import torch
 
 from dynascope.train.cli import main
 from dynascope.train.data import Corpus, DataConfig, _embedded_documents, _embedded_file, prepare_corpus, sample_batch
+from dynascope.train.errors import DynascopeError
 
 
 def test_prepare_corpus_writes_memmaps_counts_and_tokenizer(corpus_file, tmp_path):
@@ -88,3 +89,19 @@ def test_batch_command_prints_the_text_of_a_step(capsys, tmp_path, corpus_file):
     x, y = sample_batch(c.tokens("train"), 4, 32, seed=1234, step=3)
     first = c.tokenizer().decode(x[0].tolist() + [int(y[0, -1])], skip_special_tokens=False)
     assert out.count("--- window") == 4 and first in out
+
+
+def test_hub_source_streams_a_dataset_by_name(tmp_path, corpus_file):
+    """`source: hf` goes through `datasets.load_dataset(name, streaming=True)`; a local dataset
+    directory stands in for a hub name here (no network)."""
+    import json as js
+
+    docs = corpus_file.read_text().split("\n\n")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(js.dumps({"content": d}) + "\n" for d in docs))
+    cfg = DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="content", hf_max_docs=150,
+                     vocab_size=320)
+    c = Corpus(prepare_corpus(cfg, tmp_path / "cache"))
+    assert c.meta["n_documents"] == 150
+    with pytest.raises(DynascopeError, match="text_column 'body'"):
+        prepare_corpus(DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="body"), tmp_path / "c2")

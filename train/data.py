@@ -139,9 +139,12 @@ def load_documents(cfg: DataConfig):
         if not cfg.hf_name:
             raise DynascopeError("data.source=hf needs data.hf_name (and optionally hf_config, hf_split, text_column)")
         stream = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        if stream.column_names is not None and cfg.text_column not in stream.column_names:
+            raise DynascopeError(f"data.text_column {cfg.text_column!r} not in {cfg.hf_name}'s columns "
+                                 f"{stream.column_names}")
         if cfg.hf_max_docs:
             stream = stream.take(cfg.hf_max_docs)
-        ds = datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
+        return datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
     else:
         raise DynascopeError(f"data.source {cfg.source!r}: choose embedded, files or hf")
     if cfg.text_column not in ds.column_names:
