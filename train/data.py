@@ -194,7 +194,7 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None, num_pro
         ids = [e.ids + [eos] for e in tok.encode_batch(batch["text"])]
         return {"ids": ids, "n": [len(i) for i in ids]}
 
-    nproc = num_proc or min(4, os.cpu_count() or 1)
+    nproc = num_proc or min(16, os.cpu_count() or 1)
     encoded = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing",
                        num_proc=nproc if len(docs) >= 1000 * nproc else None)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
