@@ -37,7 +37,7 @@ import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import Analysis
-from dynascope.analysis.outliers import outlier_dims, spearman
+from dynascope.analysis.outliers import ablation_metrics, outlier_dims, spearman
 from dynascope.analysis.view import Cache, ModelView
 
 
@@ -102,7 +102,7 @@ class Frequency(Analysis):
             y = torch.cat([y, torch.zeros(len(W) - len(y), dtype=y.dtype, device=y.device)])
             y = y + (0 if b is None else b)
             A, _, r2, rho = ridge_fit(W[keep], y[keep], seed=self.seed)
-            out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A, h, W, b)
+            out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A, h)
             self._track_convergence(r2, out.get("frequency/direction_cos_prev"))
         W32 = W.float()
         if self.prev_W is not None:
@@ -110,7 +110,7 @@ class Frequency(Analysis):
         self.prev_W = W32.detach().clone()
         return out
 
-    def _direction(self, A: torch.Tensor, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> dict[str, float]:
+    def _direction(self, A: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
         A32 = A.float()
         out = {"frequency/effective_dims": (A32.abs().sum() ** 2 / A32.pow(2).sum()).item(),
                "frequency/cos_A_mean_h": torch.cosine_similarity(A32, -h.mean(0), dim=0).item()}
@@ -119,7 +119,7 @@ class Frequency(Analysis):
         k = len(ods) or max(1, d // 100)
         top = set(A32.abs().topk(k).indices.tolist())
         out["frequency/od_overlap"] = len(top & set(ods.tolist())) / k
-        out |= self._deletable(A32, h, W.float(), None if b is None else b.float())
+        out |= self._deletable(A32, h)
         if self.prev_A is not None:
             out["frequency/direction_cos_prev"] = torch.cosine_similarity(A32, self.prev_A.to(A32.device), dim=0).item()
         self.prev_A = A32.detach().clone()
@@ -131,20 +131,13 @@ class Frequency(Analysis):
                 and cos >= self.cos_threshold):
             self.converged_step = self.step
 
-    def _deletable(self, A: torch.Tensor, h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> dict[str, float]:
+    def _deletable(self, A: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
         order = A.abs().argsort()  # least important first
-        z = h @ W.T + (0 if b is None else b)
-        lp = z.log_softmax(-1)
-        p = lp.exp()
-        best = {0.01: 0.0, 0.1: 0.0}
-        for i in range(1, 20):
-            drop = order[: int(i * len(A) / 20)]
-            lq = (z - h[:, drop] @ W[:, drop].T).log_softmax(-1)
-            kl = (p * (lp - lq)).sum(-1).mean().item()
-            for tau in best:
-                if kl < tau:
-                    best[tau] = max(best[tau], i / 20)
-        return {f"frequency/deletable_frac_{tau}": frac for tau, frac in best.items()}
+        fractions = [i / 20 for i in range(1, 20)]
+        drops = [order[: int(f * len(A))] for f in fractions]
+        kls = [m["kl"] for m in ablation_metrics(self.view, h, None, drops)]
+        return {f"frequency/deletable_frac_{tau}": max([f for f, kl in zip(fractions, kls, strict=True) if kl < tau],
+                                                        default=0.0) for tau in (0.01, 0.1)}
 
     def summary(self) -> dict[str, float]:
         return {} if self.converged_step is None else {"frequency/converged_step": float(self.converged_step)}

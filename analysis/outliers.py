@@ -78,24 +78,32 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1].item()
 
 
-def head_metrics(h: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, gold: torch.Tensor, keep: torch.Tensor,
-                 counts: torch.Tensor | None, chunk: int = 1024) -> dict[str, Any]:
-    """Predictions of the head restricted to the dimensions in `keep` (bool [d]) against the full head."""
-    kl = ent = correct = 0.0
-    top1 = []
+def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None, removed: list[torch.Tensor],
+                     counts: torch.Tensor | None = None, chunk: int = 1024) -> list[dict[str, Any]]:
+    """For each set S of dimensions in `removed` (an empty set is the full head): the head's predictions
+    from h with S zero-ablated, z − h[:, S]·W_U[:, S]ᵀ, against the full logits z, computed once per chunk."""
+    W = view.W_U.float()
+    sums = [{"kl": 0.0, "entropy": 0.0, "correct": 0.0} for _ in removed]
+    top1: list[list[torch.Tensor]] = [[] for _ in removed]
     for i in range(0, len(h), chunk):
         hc = h[i:i + chunk].float()
-        z = hc @ W.T + (0 if b is None else b)
-        zk = (hc * keep) @ W.T + (0 if b is None else b)
-        lp, lq = z.log_softmax(-1), zk.log_softmax(-1)
-        kl += (lp.exp() * (lp - lq)).sum().item()
-        ent += -(lq.exp() * lq).sum().item()
-        t = lq.argmax(-1)
-        correct += (t == gold[i:i + chunk]).sum().item()
-        top1.append(t)
-    top1 = torch.cat(top1)
-    n = len(h)
-    out = {"kl": kl / n, "entropy": ent / n, "acc": correct / n, "n_distinct": float(top1.unique().numel())}
+        z = view.unembed(hc)
+        lp = z.log_softmax(-1)
+        for S, acc, tops in zip(removed, sums, top1, strict=True):
+            lq = (z - hc[:, S] @ W[:, S].T).log_softmax(-1)
+            acc["kl"] += (lp.exp() * (lp - lq)).sum().item()
+            acc["entropy"] += -(lq.exp() * lq).sum().item()
+            t = lq.argmax(-1)
+            if gold is not None:
+                acc["correct"] += (t == gold[i:i + chunk]).sum().item()
+            tops.append(t)
+    return [_prediction_stats(acc, torch.cat(tops), len(h), counts) for acc, tops in zip(sums, top1, strict=True)]
+
+
+def _prediction_stats(sums: dict[str, float], top1: torch.Tensor, n: int,
+                      counts: torch.Tensor | None) -> dict[str, Any]:
+    out = {"kl": sums["kl"] / n, "entropy": sums["entropy"] / n, "acc": sums["correct"] / n,
+           "n_distinct": float(top1.unique().numel())}
     if counts is not None:
         freq = counts.double() / counts.sum()
         pred = torch.bincount(top1, minlength=len(freq))[:len(freq)].double() / n
@@ -151,21 +159,13 @@ class Outliers(Analysis):
         return out
 
     def _ablations(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
-        W, b = self.view.W_U.float(), self.view.b_U
-        b = None if b is None else b.float()
         counts = getattr(self.view, "counts", None)
         counts = None if counts is None else torch.as_tensor(counts, device=h.device)
-        full = head_metrics(h, W, b, gold, torch.ones(d, dtype=torch.bool, device=h.device), counts)
-        keep = torch.ones(d, dtype=torch.bool, device=h.device)
-        keep[ods] = False
-        ablated = head_metrics(h, W, b, gold, keep, counts)
         others = np.setdiff1d(np.arange(d), ods.cpu().numpy())
         rng = np.random.default_rng(self.seed)
-        randoms = []
-        for _ in range(N_RANDOM):
-            keep_r = torch.ones(d, dtype=torch.bool, device=h.device)
-            keep_r[torch.as_tensor(rng.choice(others, size=min(len(ods), len(others)), replace=False))] = False
-            randoms.append(head_metrics(h, W, b, gold, keep_r, None))
+        random_sets = [torch.as_tensor(rng.choice(others, size=min(len(ods), len(others)), replace=False),
+                                       device=h.device) for _ in range(N_RANDOM)]
+        full, ablated, *randoms = ablation_metrics(self.view, h, gold, [ods[:0], ods, *random_sets], counts)
         out = {"outliers/ablate_kl": ablated["kl"], "outliers/random_kl": float(np.mean([r["kl"] for r in randoms])),
                "outliers/ablate_acc_drop": full["acc"] - ablated["acc"],
                "outliers/random_acc_drop": full["acc"] - float(np.mean([r["acc"] for r in randoms])),

@@ -55,6 +55,11 @@ class ModelView:
     def b_U(self) -> torch.Tensor | None:
         return None
 
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final-norm outputs h [..., d]: h·W_Uᵀ (+ b_U)."""
+        logits = h.float() @ self.W_U.float().T
+        return logits if self.b_U is None else logits + self.b_U.float()
+
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -69,16 +69,12 @@ class Vocab(Analysis):
         L = self.view.n_layers
         return [f"blocks.{l}.hook_resid_post" for l in range(L)] + [f"blocks.{l}.mlp.hook_post" for l in range(L)]
 
-    def _lens(self, view: ModelView, resid: torch.Tensor) -> torch.Tensor:
-        logits = view.final_norm(resid).float() @ view.W_U.float().T
-        return logits if view.b_U is None else logits + view.b_U.float()
-
     def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         self.view = view
         pos = torch.arange(self.position_stride - 1, tokens.shape[1], self.position_stride, device=tokens.device)
         L, E = view.n_layers, view.W_U.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
-        preds = torch.stack([self._lens(view, r).argmax(-1) for r in resid])  # [L, N]
+        preds = torch.stack([view.unembed(view.final_norm(r)).argmax(-1) for r in resid])  # [L, N]
         final = preds[-1]
         eq = preds == final
         sat = L - eq.flip(0).int().cumprod(0).sum(0)  # first layer of the trailing run of agreement
@@ -109,7 +105,7 @@ class Vocab(Analysis):
         m, top, promoted = m[events], top[events], final[events]
         bias = view.mlp_out_bias(l)
         ffn_out = m @ values + (bias.float() if bias is not None else 0)
-        before = self._lens(view, resid[events] - ffn_out)  # [n, V] the distribution before the FFN
+        before = view.unembed(view.final_norm(resid[events] - ffn_out))  # [n, V] the distribution before the FFN
         self.saturation_promoted_max[l] += self._scores(m, values, E[promoted], top).amax(-1).double().sum()
         above = before > before.gather(1, promoted[:, None])  # tokens ranked above the promoted one
         k = min(TOP, before.shape[1])
