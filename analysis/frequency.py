@@ -14,9 +14,11 @@ Fitted here by ridge-stabilised least squares in float64 (λ = 1e-3, centred), o
   and `frequency/deletable_frac_0.01` / `_0.1`: the largest fraction ρ (steps of 1/20) of dimensions,
   smallest |A_d| first, whose zero-ablation in the final-norm output keeps the mean KL on the probe
   positions below 0.01 / 0.1 nats.
-- Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) over probe positions (theory:
-  A ≈ −h̄), and `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs,
-  else 1% of d) that are outlier dimensions by the rule of `outliers.py`.
+- Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) (theory: A ≈ −h̄), and
+  `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs, else 1% of
+  d) that are outlier dimensions by the rule of `outliers.py`. h is the final-norm output at every
+  `position_stride`-th probe position after the first `skip_positions` (16), the positions the
+  outliers analysis uses, so early-position massive activations do not set the threshold.
 - Convergence: `frequency/direction_cos_prev` (cosine of A with the previous checkpoint's A) beside
   `frequency/wu_rel_change` = ‖W_t − W_prev‖ / ‖W_t‖, so the curves show whether the encoding settles
   before the weights do. `frequency/converged_step` in the summary: the first checkpoint with
@@ -63,10 +65,12 @@ class Frequency(Analysis):
     headline = "frequency/r2_corpus"
     carry = ("prev_A", "prev_W", "best_r2", "converged_step")
 
-    def __init__(self, view: ModelView, min_count: int = 10, position_stride: int = 4, r2_fraction: float = 0.9,
-                 cos_threshold: float = 0.95, min_r2: float = 0.5, seed: int = 0, **kwargs: Any):
+    def __init__(self, view: ModelView, min_count: int = 10, position_stride: int = 4, skip_positions: int = 16,
+                 r2_fraction: float = 0.9, cos_threshold: float = 0.95, min_r2: float = 0.5, seed: int = 0,
+                 **kwargs: Any):
         super().__init__(view, **kwargs)
         self.min_count, self.position_stride, self.seed = min_count, position_stride, seed
+        self.skip_positions = skip_positions
         self.r2_fraction, self.cos_threshold, self.min_r2 = r2_fraction, cos_threshold, min_r2
         self.add_state("prob_sum", torch.zeros(view.vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -83,7 +87,8 @@ class Frequency(Analysis):
         self.view = view
         self.prob_sum += logits.float().softmax(-1).flatten(0, 1).sum(0).double()
         self.n_positions += tokens.numel()
-        self.h.append(cache["ln_final.hook_normalized"][:, ::self.position_stride].flatten(0, 1).float())
+        start = min(self.skip_positions, tokens.shape[1] - 1)  # the outliers analysis's positions, thinned
+        self.h.append(cache["ln_final.hook_normalized"][:, start::self.position_stride].flatten(0, 1).float())
 
     def compute(self) -> dict[str, float]:
         W = self.view.W_U.detach().double()
