@@ -138,7 +138,11 @@ class Vocab(Analysis):
 
     def value_top_tokens(self, layer: int, units: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k token ids of W_U·v_i for each unit i: [len(units), k]."""
-        return (self.view.mlp_values(layer).float()[units] @ self.view.W_U.float().T).topk(k, dim=-1).indices
+        return self._top_tokens(self.view.mlp_values(layer).float()[units], k)
+
+    def _top_tokens(self, vectors: torch.Tensor, k: int) -> torch.Tensor:
+        """Top-k token ids of the raw vocabulary projection W_U·v of each vector: [n, k]."""
+        return (vectors @ self.view.W_U.float().T).topk(k, dim=-1).indices
 
     def _coherence(self, layer: int) -> tuple[float, float]:
         values = self.view.mlp_values(layer).float()
@@ -148,8 +152,7 @@ class Vocab(Analysis):
         random = values.mean(0) + noise * values.std(0)
 
         def coherence(vectors: torch.Tensor) -> float:
-            top = (vectors @ self.view.W_U.float().T).topk(self.top_k, dim=-1).indices  # [n, k]
-            emb = E[top]  # [n, k, d]
+            emb = E[self._top_tokens(vectors, self.top_k)]  # [n, k, d]
             sims = emb @ emb.transpose(1, 2)  # [n, k, k]
             off = ~torch.eye(self.top_k, dtype=torch.bool, device=sims.device)
             return sims[:, off].mean().item()
