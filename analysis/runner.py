@@ -160,7 +160,7 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     corpus = Corpus(prepare_corpus(data))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    context_length = min(context_length, HFModelView.from_dir(pairs[0][1]).context_length)
+    context_length = min(context_length, HFModelView.max_positions(pairs[0][1]))
     probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
     save_probe(out_dir / PROBE_FILE, probe)
     by_label = dict(pairs)

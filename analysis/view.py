@@ -12,6 +12,7 @@ pre-activation and `mlp.hook_post` the input of the down projection.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -118,6 +119,17 @@ class ModelView:
             return self.run_with_cache(tokens, names)
 
 
+def _config_json(path: str | Path) -> dict:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise DynascopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return json.loads(config.read_text())
+
+
+def _max_positions(config: dict) -> int:
+    return config.get("max_position_embeddings") or config["n_positions"]  # GPT-2 calls it n_positions
+
+
 def _apply_out(fn, output):
     if isinstance(output, tuple):
         new = fn(output[0])
@@ -203,7 +215,7 @@ class HFModelView(ModelView):
         self._out_name = out
         self.d_mlp = self.mlp_values(0).shape[0]
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.context_length = getattr(cfg, "max_position_embeddings", None) or cfg.n_positions
+        self.context_length = _max_positions(cfg.to_dict())
         a = str(getattr(cfg, act, "gelu")).lower()
         self.activation = "relu" if a == "relu" else "gelu" if "gelu" in a else a
         self.points = {"hook_embed": (model.get_submodule(embed), "out"),
@@ -220,9 +232,13 @@ class HFModelView(ModelView):
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise DynascopeError("Hugging Face models need the hf extra: pip install 'dynascope[hf]'") from None
-        if not (Path(path) / "config.json").is_file():
-            raise DynascopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+        _config_json(path)
         return cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True))
+
+    @staticmethod
+    def max_positions(path: str | Path) -> int:
+        """The longest sequence the model in `path` takes, read from its config.json (no weights loaded)."""
+        return _max_positions(_config_json(path))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens, use_cache=False).logits
