@@ -1,68 +1,163 @@
-"""The analysis base class and the registry that names analyses by string.
+"""The analysis base class, what it returns, what it reads besides the model, and the registry.
 
-An analysis is a `torchmetrics.Metric`: it declares the hook names it needs, accumulates probe
-batches in `update(view, tokens, logits, cache)` into states declared with `add_state(...,
-dist_reduce_fx=...)` (so the same code syncs across data-parallel ranks and runs offline in one
-process), and returns a flat `dict[str, float]` from `compute()` with keys `<name>/<metric>` or
-`<name>/<metric>/L{l}`. State that must survive from one checkpoint to the next lives in plain
-attributes listed in `carry`, saved by the callback's `state_dict`.
+An analysis is a `torchmetrics.Metric`. It is built once per run from the model's `ModelShape`, an
+`AnalysisContext` (corpus counts, tokenizer) and its options. At each checkpoint the measurement
+routine (`measure.py`) binds the checkpoint's view and step, feeds probe batches to `update(tokens,
+logits, cache)`, which accumulates into states declared with `add_state(..., dist_reduce_fx=...)`
+(so the same code reduces across data-parallel ranks and runs offline in one process), and calls:
+
+- `compute() -> Result`: pure. It reads the states, the bound view and what was carried from the
+  previous checkpoint, and returns everything the analysis reports for this checkpoint: values
+  (keys `<name>/<metric>` or `<name>/<metric>/L{l}`), tables, summary events, and the carry for the
+  next checkpoint. Calling it twice gives the same result.
+- `advance(result)`: the one step that changes what is carried (the attributes named in `carry`).
+
+Any analysis can also watch the training forward passes between checkpoints: it lists hook names
+in `training_hook_names()` and accumulates in `observe_training()` into declared states, which are
+reduced over ranks at the checkpoint like every other state.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+from lightning_utilities import apply_to_collection  # torchmetrics' own dependency, not Lightning
+from tokenizers import Tokenizer
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.view import Cache, ModelView
-from dynascope.train.errors import DynascopeError
+from dynascope.analysis.view import Cache, ModelShape, ModelView
+from dynascope.errors import DynascopeError
 
 REGISTRY: dict[str, type[Analysis]] = {}
+
+
+@dataclass
+class Table:
+    """A small table logged at one checkpoint (e.g. the outlier dimensions, a median curve)."""
+
+    columns: list[str]
+    rows: list[list]
+
+
+@dataclass
+class Result:
+    """What one analysis reports for one checkpoint, and what it carries to the next."""
+
+    values: dict[str, float]
+    tables: dict[str, Table] = field(default_factory=dict)
+    summary: dict[str, float | None] = field(default_factory=dict)
+    carry: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AnalysisContext:
+    """What analyses read besides the model: the training split's per-token counts (for frequency
+    targets) and the tokenizer (to decode tokens in tables). Either may be missing."""
+
+    counts: torch.Tensor | None = None
+    tokenizer: Tokenizer | None = None
+
+    def decode(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) if self.tokenizer is not None else str(i) for i in ids]
+
+
+def onset(previous: list, holds: bool, step: int) -> list:
+    """An event that holds from some checkpoint on, as a list of (step, event step or None) revisions:
+    the event step is the first checkpoint from which the condition has held at every later one; it is
+    revised away (None) when the condition fails, and set again when it next holds."""
+    current = previous[-1][1] if previous else None
+    if holds and current is None:
+        return [*previous, (step, step)]
+    if not holds and current is not None:
+        return [*previous, (step, None)]
+    return previous
+
+
+def onset_summary(key: str, revisions: list) -> dict[str, float | None]:
+    """Summary keys of an onset: the event step (None while revised away) and how often it was revised."""
+    if not revisions:
+        return {}
+    step = revisions[-1][1]
+    return {key: None if step is None else float(step), key.replace("_step", "_revisions"): float(len(revisions) - 1)}
 
 
 class Analysis(Metric):
     name: ClassVar[str]
     headline: ClassVar[str]  # the key drawn in the overview plot
-    carry: ClassVar[tuple[str, ...]] = ()  # attributes kept across checkpoints
+    carry: ClassVar[tuple[str, ...]] = ()  # attributes kept across checkpoints, changed only by advance()
     curve_tables: ClassVar[tuple[str, ...]] = ()  # tables (x column, then one series per column) to plot per step
     full_state_update = False
+
+    view: ModelView  # the checkpoint being measured, bound by `bind`
+    step: int
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "name" in cls.__dict__:
             REGISTRY[cls.name] = cls
 
-    def __init__(self, view: ModelView, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.view = view
-        self.step = 0
+    def __init__(self, shape: ModelShape, context: AnalysisContext):
+        super().__init__(compute_with_cache=False)  # compute() is pure; recomputing must agree
+        self.shape, self.context = shape, context
+
+    def bind(self, view: ModelView, step: int) -> None:
+        """The checkpoint to measure: set once per checkpoint, before the first `update`."""
+        self.view, self.step = view, step
 
     def hook_names(self) -> list[str]:
         return []
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         raise NotImplementedError
 
+    def compute(self) -> Result:
+        raise NotImplementedError
+
+    def advance(self, result: Result) -> None:
+        """Adopt the result's carry as the state seen by the next checkpoint's `compute()`."""
+        for name, value in result.carry.items():
+            if name not in self.carry:
+                raise KeyError(f"{self.name} carries {name!r}, which is not listed in its `carry`")
+            setattr(self, name, value)
+
+    def training_hook_names(self) -> list[str]:
+        """Hooks whose activations on training batches `observe_training` receives (online only)."""
+        return []
+
     def observe_training(self, name: str, activation: torch.Tensor) -> None:
-        """Sees the training forward pass's activation at each of `hook_names()` when `train_batches`
-        is set (online only); a no-op by default."""
+        """Accumulate one training forward pass's activation at hook `name` into declared states."""
 
-    def summary(self) -> dict[str, float | None]:
-        """One-off events for the run summary (e.g. an emergence step; None once revised away)."""
-        return {}
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The carry and the declared states, reduced over ranks (a collective), for a resume checkpoint.
+        Between checkpoints only training-stream states hold data; probe states are empty."""
+        with self.sync_context(should_sync=True):
+            states = {name: _saved(getattr(self, name), as_list=isinstance(default, list))
+                      for name, default in self._defaults.items()}
+        return {"carry": {k: getattr(self, k) for k in self.carry}, "states": states}
 
-    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        """Small tables `{key: (columns, rows)}` for wandb and the run directory; empty by default."""
-        return {}
+    def load_checkpoint_state(self, state: dict[str, Any], with_states: bool = True) -> None:
+        """Restore `checkpoint_state()` on this analysis's device. The reduced states go to one rank
+        only (`with_states`), so the next reduction counts them once."""
+        def here(value: Any) -> Any:
+            return apply_to_collection(value, torch.Tensor, lambda t: t.to(self.device))
 
-    def carry_state(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.carry}
+        for k, v in state.get("carry", {}).items():
+            if k in self.carry:
+                setattr(self, k, here(v))
+        for k, v in (state.get("states", {}) if with_states else {}).items():
+            if k in self._defaults:
+                setattr(self, k, here(v))
 
-    def load_carry_state(self, state: dict[str, Any]) -> None:
-        for k in self.carry:
-            if k in state:
-                setattr(self, k, state[k])
+
+def _saved(value: torch.Tensor | list, as_list: bool) -> torch.Tensor | list:
+    """A state on the CPU; a list state ("cat" reduction) as a list again after the reduction."""
+    if not as_list:
+        return value.detach().cpu().clone()
+    value = dim_zero_cat(value) if isinstance(value, list) and value else value
+    return [value.detach().cpu().clone()] if isinstance(value, torch.Tensor) and value.numel() else []
 
 
 def resolve(names: str | list[str]) -> list[str]:
@@ -77,32 +172,19 @@ def resolve(names: str | list[str]) -> list[str]:
     return names
 
 
-def build(names: str | list[str], view: ModelView, options: dict[str, dict] | None = None) -> list[Analysis]:
+def build(names: str | list[str], shape: ModelShape, context: AnalysisContext | None = None,
+          options: dict[str, dict] | None = None, device: torch.device | str = "cpu") -> list[Analysis]:
     """Instantiate analyses; `options` maps an analysis name to keyword arguments of its constructor."""
     options = options or {}
     unknown = sorted(set(options) - set(REGISTRY))
     if unknown:
         raise DynascopeError(f"options given for unknown analyses {unknown}; registered: {', '.join(REGISTRY)}")
-    try:
-        return [REGISTRY[n](view, **options.get(n, {})).to(view.device) for n in resolve(names)]
-    except TypeError as e:
-        raise DynascopeError(f"bad analysis options {options}: {e}") from None
+    context = context or AnalysisContext()
+    analyses = []
+    for name in resolve(names):
+        try:
+            analyses.append(REGISTRY[name](shape, context, **options.get(name, {})).to(device))
+        except TypeError as e:
+            raise DynascopeError(f"bad options for analysis {name!r} {options.get(name)}: {e}") from None
+    return analyses
 
-
-def measure(view: ModelView, analyses: list[Analysis], tokens: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """One forward pass per probe batch with the union of requested hooks; every analysis is updated
-    from it, then computed (a collective on all ranks when torch.distributed is initialised)."""
-    names = sorted({n for a in analyses for n in a.hook_names()})
-    for a in analyses:
-        a.reset()
-        a.view = view
-    with torch.no_grad():
-        for batch in tokens.split(batch_size):
-            batch = batch.to(view.device)
-            logits, cache = view.run_with_cache(batch, names)
-            for a in analyses:
-                a.update(view, batch, logits, cache)
-    values: dict[str, float] = {}
-    for a in analyses:
-        values |= a.compute()
-    return values

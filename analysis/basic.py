@@ -5,7 +5,8 @@ replay) and gives every run a loss curve on fixed held-out tokens.
 
 Keys: `basic/probe_loss` (mean next-token cross-entropy in nats over all probe positions but the
 last of each window), `basic/resid_norm/L{l}` (mean L2 norm of `blocks.{l}.hook_resid_post` over
-probe positions), `basic/unembed_row_norm_mean|std|max` (L2 norms of the rows of W_U).
+probe positions), `basic/unembed_row_norm_mean|std|max` (L2 norms of the unembedding rows, the
+tokens' output embeddings).
 """
 
 from __future__ import annotations
@@ -13,26 +14,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynascope.analysis.base import Analysis
-from dynascope.analysis.view import Cache, ModelView
+from dynascope.analysis.base import Analysis, AnalysisContext, Result
+from dynascope.analysis.view import Cache, ModelShape
 
 
 class Basic(Analysis):
     name = "basic"
     headline = "basic/probe_loss"
 
-    def __init__(self, view: ModelView, **kwargs):
-        super().__init__(view, **kwargs)
+    def __init__(self, shape: ModelShape, context: AnalysisContext):
+        super().__init__(shape, context)
         self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_predictions", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("resid_norm_sum", torch.zeros(view.n_layers, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("resid_norm_sum", torch.zeros(shape.n_layers, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def hook_names(self) -> list[str]:
-        return [f"blocks.{l}.hook_resid_post" for l in range(self.view.n_layers)]
+        return [f"blocks.{l}.hook_resid_post" for l in range(self.shape.n_layers)]
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
-        self.view = view
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         pred, target = logits[:, :-1].float(), tokens[:, 1:]
         self.loss_sum += F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum").double()
         self.n_predictions += target.numel()
@@ -40,11 +40,11 @@ class Basic(Analysis):
         self.resid_norm_sum += norms.double()
         self.n_positions += tokens.numel()
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> Result:
         out = {"basic/probe_loss": (self.loss_sum / self.n_predictions).item()}
         for l, s in enumerate((self.resid_norm_sum / self.n_positions).tolist()):
             out[f"basic/resid_norm/L{l}"] = s
-        rows = self.view.W_U.detach().float().norm(dim=-1)
+        rows = self.view.output_embeddings.detach().float().norm(dim=-1)
         out |= {"basic/unembed_row_norm_mean": rows.mean().item(), "basic/unembed_row_norm_std": rows.std().item(),
                 "basic/unembed_row_norm_max": rows.max().item()}
-        return out
+        return Result(out)

@@ -17,7 +17,7 @@ so this robust score still ranks planted dimensions first where the rule's count
 
 Ablation on the probe positions (zero-ablation after the final norm, no renormalisation, fp32):
 for S = the ODs and for 5 random equal-size sets of non-OD dimensions (fixed seed), the logits
-z − H[:, S]·W_U[:, S]ᵀ against the full logits z: `outliers/ablate_kl` and `outliers/random_kl`
+z − H[:, S]·E[:, S]ᵀ (E the unembedding [V, d]) against the full logits z: `outliers/ablate_kl` and `outliers/random_kl`
 (mean KL(full ‖ ablated)), `outliers/ablate_acc_drop` and `outliers/random_acc_drop` (next-token
 accuracy, full minus ablated), `outliers/ablate_entropy` and `outliers/full_entropy`,
 `outliers/ablate_n_distinct` and `outliers/full_n_distinct` (distinct top-1 tokens), the frequency
@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis
-from dynascope.analysis.view import Cache, ModelView
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, onset, onset_summary
+from dynascope.analysis.view import Cache, ModelShape, ModelView
 
 N_RANDOM = 5
 
@@ -81,8 +81,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None, removed: list[torch.Tensor],
                      counts: torch.Tensor | None = None, chunk: int = 1024) -> list[dict[str, Any]]:
     """For each set S of dimensions in `removed` (an empty set is the full head): the head's predictions
-    from h with S zero-ablated, z − h[:, S]·W_U[:, S]ᵀ, against the full logits z, computed once per chunk."""
-    W = view.W_U.float()
+    from h with S zero-ablated, z − h[:, S]·E[:, S]ᵀ, against the full logits z, computed once per chunk."""
+    W = view.output_embeddings.float()
     sums = [{"kl": 0.0, "entropy": 0.0, "correct": 0.0} for _ in removed]
     top1: list[list[torch.Tensor]] = [[] for _ in removed]
     for i in range(0, len(h), chunk):
@@ -120,47 +120,46 @@ def _prediction_stats(sums: dict[str, float], top1: torch.Tensor, n: int,
 class Outliers(Analysis):
     name = "outliers"
     headline = "outliers/score_max"
-    carry = ("prev_ods", "emergence_step", "revisions")
+    carry = ("prev_ods", "emergence")
 
-    def __init__(self, view: ModelView, skip_positions: int = 16, seed: int = 0, **kwargs: Any):
-        super().__init__(view, **kwargs)
+    def __init__(self, shape: ModelShape, context: AnalysisContext, skip_positions: int = 16, seed: int = 0):
+        super().__init__(shape, context)
         self.skip_positions, self.seed = skip_positions, seed
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.add_state("gold", default=[], dist_reduce_fx="cat")
         self.prev_ods: list[int] | None = None
-        self.emergence_step: int | None = None
-        self.revisions: list[tuple[int, int | None]] = []
-        self._ods: list[int] = []
+        self.emergence: list = []  # onset revisions of "≥ 1 OD"
 
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
-        self.view = view
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         start = min(self.skip_positions, tokens.shape[1] - 2)
         self.h.append(cache["ln_final.hook_normalized"][:, start:-1].flatten(0, 1).float())
         self.gold.append(tokens[:, start + 1:].flatten())
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> Result:
         h, gold = dim_zero_cat(self.h), dim_zero_cat(self.gold)
         ods, med, T = outlier_dims(h)
         d = h.shape[1]
         z = robust_z(med)
-        self._ods = ods.tolist()
+        od_list = ods.tolist()
         out = {"outliers/count": float(len(ods)), "outliers/score_max": (med / T).max().item(),
                "outliers/robust_z_max": z.max().item(), "outliers/threshold": T.item()}
         if self.prev_ods is not None:
-            union = set(self.prev_ods) | set(self._ods)
-            out["outliers/jaccard_prev"] = len(set(self.prev_ods) & set(self._ods)) / len(union) if union else 1.0
-        self.prev_ods = self._ods
+            union = set(self.prev_ods) | set(od_list)
+            out["outliers/jaccard_prev"] = len(set(self.prev_ods) & set(od_list)) / len(union) if union else 1.0
         if len(ods):
             out |= self._ablations(h, gold, ods, d) | self._parameter_diagnostics(ods, d)
-        self._track_emergence(len(ods) > 0)
-        return out
+        emergence = onset(self.emergence, len(ods) > 0, self.step)
+        return Result(out, tables={"outliers/dims": Table(["rank", "dimension"], [[i, dim] for i, dim in
+                                                                                   enumerate(od_list)])},
+                      summary=onset_summary("outliers/emergence_step", emergence),
+                      carry={"prev_ods": od_list, "emergence": emergence})
 
     def _ablations(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
-        counts = getattr(self.view, "counts", None)
-        counts = None if counts is None else torch.as_tensor(counts, device=h.device)
+        counts = self.context.counts
+        counts = None if counts is None else counts.to(h.device)
         others = np.setdiff1d(np.arange(d), ods.cpu().numpy())
         rng = np.random.default_rng(self.seed)
         random_sets = [torch.as_tensor(rng.choice(others, size=min(len(ods), len(others)), replace=False),
@@ -181,7 +180,7 @@ class Outliers(Analysis):
     def _parameter_diagnostics(self, ods: torch.Tensor, d: int) -> dict[str, float]:
         gain = self.view.final_norm_gain().detach().float()
         out = {"outliers/gain_z_mean": ((gain[ods] - gain.mean()) / gain.std()).mean().item()}
-        w_down = self.view.mlp_values(self.view.n_layers - 1).detach().float().T  # [d, d_mlp]
+        w_down = self.view.mlp_values(self.shape.n_layers - 1).detach().float().T  # [d, d_mlp]
         U = torch.linalg.svd(w_down, full_matrices=False).U[:, :4]  # top left singular vectors
         spikes = ((U - U.mean(0)).abs() > 3 * U.std(0)).any(dim=1)  # [d]
         overlap = spikes[ods].sum().item()
@@ -191,21 +190,3 @@ class Outliers(Analysis):
         out["outliers/svd_spike_overlap"] = float(overlap)
         out["outliers/svd_spike_pvalue"] = (random_overlap >= overlap).double().mean().item()
         return out
-
-    def _track_emergence(self, present: bool) -> None:
-        if present and self.emergence_step is None:
-            self.emergence_step = self.step
-            self.revisions.append((self.step, self.step))
-        elif not present and self.emergence_step is not None:
-            self.emergence_step = None
-            self.revisions.append((self.step, None))
-
-    def summary(self) -> dict[str, float | None]:
-        """Once ODs have appeared: the emergence step, None while it is revised away, and the revisions."""
-        if not self.revisions:
-            return {}
-        step = None if self.emergence_step is None else float(self.emergence_step)
-        return {"outliers/emergence_step": step, "outliers/emergence_revisions": float(len(self.revisions) - 1)}
-
-    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        return {"outliers/dims": (["rank", "dimension"], [[i, dim] for i, dim in enumerate(self._ods)])}

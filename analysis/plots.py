@@ -7,7 +7,6 @@ metric. Curve tables (e.g. the regions analysis's median d̃(α)) get one figure
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -19,9 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from dynascope.analysis.base import REGISTRY  # noqa: E402
-from dynascope.analysis.records import read_metrics  # noqa: E402
-from dynascope.analysis.runner import read_csv  # noqa: E402
-from dynascope.train.errors import DynascopeError  # noqa: E402
+from dynascope.analysis.records import read_csv, read_metrics, read_table, table_path  # noqa: E402
+from dynascope.errors import DynascopeError  # noqa: E402
 
 LAYER = re.compile(r"^(.*)/L(\d+)$")
 
@@ -41,10 +39,9 @@ def load_rows(run_dir: str | Path) -> tuple[list[dict], Path, Path]:
 
 def plot_curve_table(path: Path, out: Path, max_curves: int = 6) -> Path | None:
     """One panel per series column; one curve per checkpoint (at most `max_curves`, spread over the run)."""
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = read_table(path)
     if not entries:
         return None
-    entries = sorted({e["step"]: e for e in entries}.values(), key=lambda e: e["step"])  # last write per step wins
     n = min(max_curves, len(entries))
     picks = sorted({round(i * (len(entries) - 1) / max(1, n - 1)) for i in range(n)})
     columns = entries[0]["columns"]
@@ -125,7 +122,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
         for key in REGISTRY[name].curve_tables:
-            table = tables / (key.replace("/", "__") + ".jsonl")
+            table = table_path(tables, key)
             if table.exists():
                 plot_curve_table(table, out)
     cols = min(3, max(1, len(present)))

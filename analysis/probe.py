@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynascope.train.errors import DynascopeError
+from dynascope.errors import DynascopeError
+from dynascope.io import atomic_path
 
 PROBE_FILE = "probe.safetensors"
 
@@ -29,10 +30,8 @@ def sample_probe(val_tokens: np.ndarray, n_windows: int, length: int, seed: int 
 
 
 def save_probe(path: str | Path, tokens: torch.Tensor) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"tokens": tokens.contiguous()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({"tokens": tokens.contiguous()}, str(tmp))
 
 
 def load_probe(path: str | Path) -> torch.Tensor:

@@ -29,9 +29,9 @@ from __future__ import annotations
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis
-from dynascope.analysis.view import Cache, ModelView
-from dynascope.train.errors import DynascopeError
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.view import Cache, ModelShape
+from dynascope.errors import DynascopeError
 
 JUMP = 0.2
 MIN_D1 = 0.01
@@ -42,12 +42,12 @@ class Regions(Analysis):
     headline = "regions/sharpness_median"
     curve_tables = ("regions/median_curve",)
 
-    def __init__(self, view: ModelView, write_layers: list[int] | None = None, n_alpha: int = 21,
-                 prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512, **kwargs):
-        super().__init__(view, **kwargs)
-        self.write_layers = write_layers if write_layers is not None else sorted({0, view.n_layers // 2})
-        if any(not 0 <= w < view.n_layers for w in self.write_layers):
-            raise DynascopeError(f"regions write_layers {self.write_layers} outside 0..{view.n_layers - 1}")
+    def __init__(self, shape: ModelShape, context: AnalysisContext, write_layers: list[int] | None = None,
+                 n_alpha: int = 21, prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512):
+        super().__init__(shape, context)
+        self.write_layers = write_layers if write_layers is not None else sorted({0, shape.n_layers // 2})
+        if any(not 0 <= w < shape.n_layers for w in self.write_layers):
+            raise DynascopeError(f"regions write_layers {self.write_layers} outside 0..{shape.n_layers - 1}")
         self.n_alpha, self.prompt_length, self.pairs_per_window, self.chunk = (n_alpha, prompt_length,
                                                                                 pairs_per_window, chunk)
         for w in self.write_layers:
@@ -65,11 +65,11 @@ class Regions(Analysis):
         b = [windows[:, half + k * L:half + (k + 1) * L] for k in range(self.pairs_per_window)]
         return torch.cat(a), torch.cat(b)
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
-        self.view = view
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+        view = self.view
         A, B = self.prompt_pairs(tokens)
-        last_mlp = f"blocks.{view.n_layers - 1}.mlp.hook_pre"
-        extra = [last_mlp] if view.is_relu else []
+        last_mlp = f"blocks.{self.shape.n_layers - 1}.mlp.hook_pre"
+        extra = [last_mlp] if self.shape.is_relu else []
         for w in self.write_layers:
             site = f"blocks.{w}.hook_resid_post"
             logits_a, clean = view.run_with_cache(A, [site, "ln_final.hook_normalized", *extra])
@@ -107,7 +107,7 @@ class Regions(Analysis):
         values = getattr(self, f"{state}_L{w}")
         return dim_zero_cat(values) if len(values) else torch.empty(0)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> Result:
         out: dict[str, float] = {}
         for i, w in enumerate(self.write_layers):
             s = self._cat("sharpness", w)
@@ -115,18 +115,14 @@ class Regions(Analysis):
             layer = {"sharpness_p25": q[0], "sharpness_median": q[1], "sharpness_p75": q[2],
                      "jumps_mean": self._cat("jumps", w).mean().item(), "kl_mid": self._cat("kl_mid", w).mean().item(),
                      "dropped_pairs": float(getattr(self, f"dropped_L{w}"))}
-            if self.view.is_relu:
+            if self.shape.is_relu:
                 layer["relu_flips_mean"] = self._cat("flips", w).mean().item()
             out |= {f"regions/{k}/L{w}": v for k, v in layer.items()}
             if i == 0:
                 out |= {f"regions/{k}": v for k, v in layer.items()}
-        # kept here because compute() sees the states gathered from all ranks, tables() does not
         curves = [self._cat("curves", w) for w in self.write_layers]
         medians = [c.median(dim=0).values.tolist() if len(c) else [float("nan")] * self.n_alpha for c in curves]
         alpha = torch.linspace(0, 1, self.n_alpha).tolist()
-        self._median_curve = [[a, *(m[k] for m in medians)] for k, a in enumerate(alpha)]
-        return out
-
-    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        columns = ["alpha"] + [f"L{w}" for w in self.write_layers]
-        return {"regions/median_curve": (columns, self._median_curve)}
+        median_curve = Table(["alpha"] + [f"L{w}" for w in self.write_layers],
+                             [[a, *(m[k] for m in medians)] for k, a in enumerate(alpha)])
+        return Result(out, tables={"regions/median_curve": median_curve})

@@ -10,26 +10,26 @@ altered, or not matching the config) is reported by name and skipped.
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from dynascope.analysis.base import Analysis, build, measure
+from dynascope.analysis.base import Analysis, AnalysisContext, build
+from dynascope.analysis.measure import Record, measure
 from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe
-from dynascope.analysis.records import append_table, update_summary
-from dynascope.analysis.view import HFModelView, ModelView, OwnModelView
+from dynascope.analysis.records import CsvTable, Recorder
+from dynascope.analysis.view import HFModelView, ModelView, TransformerView
+from dynascope.errors import DynascopeError
+from dynascope.io import read_yaml
 from dynascope.train.data import Corpus, DataConfig, prepare_corpus
-from dynascope.train.errors import DynascopeError
 from dynascope.train.model import ModelConfig
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
@@ -37,14 +37,16 @@ from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_pat
 @dataclass
 class Report:
     out_dir: Path
-    rows: list[dict] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
 
-def _replay(checkpoints: list[tuple[int, float, str]], load_view, probe: torch.Tensor, names: str | list[str],
-            out_dir: Path, batch_size: int, options: dict[str, dict] | None = None) -> Report:
+def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str], ModelView], probe: torch.Tensor,
+            names: str | list[str], context: AnalysisContext, out_dir: Path, batch_size: int, device: str,
+            options: dict[str, dict] | None = None) -> Report:
     """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view."""
     report = Report(out_dir)
+    recorder = Recorder(out_dir, [CsvTable(out_dir / "metrics.csv")], echo=tqdm.write)
     analyses: list[Analysis] = []
     for step, tokens_seen, label in tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt"):
         try:
@@ -53,47 +55,21 @@ def _replay(checkpoints: list[tuple[int, float, str]], load_view, probe: torch.T
             tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
             report.skipped.append(label)
             continue
-        if not analyses:
-            analyses = build(names, view, options)
-        for a in analyses:
-            a.step = step
-        values = measure(view, analyses, probe.to(view.device), batch_size)
-        report.rows.append({"step": step, "tokens_seen": tokens_seen, "label": label, **values})
-        for a in analyses:
-            for key, (columns, rows) in a.tables().items():
-                append_table(out_dir / "tables", key, step, columns, rows)
-    summary = {k: v for a in analyses for k, v in a.summary().items()}
-    if summary:
-        update_summary(out_dir / "summary.json", summary)
-    write_csv(out_dir / "metrics.csv", report.rows)
+        view.model.to(device)
+        analyses = analyses or build(names, view.shape, context, options, device)
+        record = measure(view, analyses, probe, step, tokens_seen, batch_size, label)
+        recorder.write(record)
+        report.records.append(record)
     return report
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = ["step", "tokens_seen", "label"] + sorted({k for r in rows for k in r} - {"step", "tokens_seen", "label"})
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def read_csv(path: str | Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [{k: (v if k == "label" else float(v) if v != "" else float("nan")) for k, v in r.items()}
-                for r in csv.DictReader(f)]
 
 
 def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
                 batch_size: int | None = None, device: str = "cpu", options: dict[str, dict] | None = None) -> Report:
     """Replay over a run's snapshots with the analysis options and probe batch size of its config."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         raise DynascopeError(f"{run_dir} is not a dynascope run directory (no config.yaml)")
-    config = yaml.safe_load(config_path.read_text())
+    config = read_yaml(run_dir / "config.yaml", "run config")
     arch = ModelConfig(**config["model"]["arch"])
     dynamics = config.get("dynamics") or {}
     probe = load_probe(run_dir / PROBE_FILE)
@@ -108,21 +84,18 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
     if (run_dir / "counts.npy").exists():
         counts = np.load(run_dir / "counts.npy")
     else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
-        cache_dir = (config.get("data") or {}).get("cache_dir")
-        counts = Corpus(prepare_corpus(DataConfig.from_config(config), cache_dir)).counts()
+        counts = Corpus(prepare_corpus(DataConfig.from_config(config))).counts()
+    context = AnalysisContext(torch.from_numpy(counts), tokenizer)
 
     def load_view(label: str) -> ModelView:
         step = int(label)
         if manifest[step].get("config_hash") not in (None, arch.hash()):
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
-        view = OwnModelView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
-        view.model.to(device)
-        view.tokenizer, view.counts = tokenizer, counts
-        return view
+        return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
 
     checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
-    return _replay(checkpoints, load_view, probe, analyses, run_dir / "analysis",
-                   batch_size or dynamics.get("batch_size", 16),
+    return _replay(checkpoints, load_view, probe, analyses, context, run_dir / "analysis",
+                   batch_size or dynamics.get("batch_size", 16), device,
                    options if options is not None else dynamics.get("options"))
 
 
@@ -164,17 +137,14 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
     save_probe(out_dir / PROBE_FILE, probe)
     by_label = dict(pairs)
+    context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer())
 
     def load_view(label: str) -> ModelView:
-        view = HFModelView.from_dir(by_label[label])
-        view.model.to(device)
-        view.tokenizer = Tokenizer.from_file(str(by_label[label] / "tokenizer.json"))
-        view.counts = corpus.counts()
-        return view
+        return HFModelView.from_dir(by_label[label])
 
     def step_of(i: int, label: str) -> int:
         digits = re.findall(r"\d+", label)
         return int(digits[-1]) if digits and labels is not None else i
 
     checkpoints = [(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)]
-    return _replay(checkpoints, load_view, probe, analyses, out_dir, batch_size, options)
+    return _replay(checkpoints, load_view, probe, analyses, context, out_dir, batch_size, device, options)

@@ -25,7 +25,8 @@ Keys, per layer l:
 - `sparsity/sleeping_frac/L{l}`: dead units whose maximum pre-activation is within `sleep_margin`
   (default 0.1) of zero, told apart from units far below; `sparsity/dead_margin_median/L{l}`.
 - With `train_batches: true` (online only): `sparsity/train_dead_frac/L{l}`, units that fired on
-  none of the training tokens since the previous checkpoint (an OR over ranks).
+  none of the training tokens since the previous checkpoint (an OR over ranks). This uses the
+  base class's training stream (`training_hook_names`, `observe_training`).
 
 Departure: the paper's exact percentiles and its test of "training-driven" death were not
 retrievable; the percentiles and the chance null above are ours (spec §1.3).
@@ -33,14 +34,11 @@ retrievable; the percentiles and the chance null above are ours (spec §1.3).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.distributed as dist
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis
-from dynascope.analysis.view import Cache, ModelView
+from dynascope.analysis.base import Analysis, AnalysisContext, Result
+from dynascope.analysis.view import Cache, ModelShape
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -48,28 +46,33 @@ PERCENTILES = (5, 25, 50, 75, 95)
 class Sparsity(Analysis):
     name = "sparsity"
     headline = "sparsity/batch_usage/L0"  # the overview draws every layer of this metric
-    carry = ("prev_alive", "prev_freq", "init_dead", "train_fired")
+    carry = ("prev_alive", "prev_freq", "init_dead")
 
-    def __init__(self, view: ModelView, sleep_margin: float = 0.1, train_batches: bool = False, **kwargs: Any):
-        super().__init__(view, **kwargs)
+    def __init__(self, shape: ModelShape, context: AnalysisContext, sleep_margin: float = 0.1,
+                 train_batches: bool = False):
+        super().__init__(shape, context)
         self.sleep_margin, self.train_batches = sleep_margin, train_batches
-        L, F = view.n_layers, view.d_mlp
+        L, F = shape.n_layers, shape.d_mlp
         self.add_state("density", default=[], dist_reduce_fx="cat")  # [tokens, L]
         self.add_state("seq_usage", default=[], dist_reduce_fx="cat")  # [windows, L]
         self.add_state("fired", torch.zeros(L, F, dtype=torch.uint8), dist_reduce_fx="max")  # OR over ranks
         self.add_state("counts", torch.zeros(L, F, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("zmax", torch.full((L, F), float("-inf")), dist_reduce_fx="max")
         self.add_state("n_tokens", torch.tensor(0), dist_reduce_fx="sum")
+        # the training stream between checkpoints (online, with train_batches)
+        self.add_state("train_fired", torch.zeros(L, F, dtype=torch.uint8), dist_reduce_fx="max")
+        self.add_state("train_tokens", torch.tensor(0), dist_reduce_fx="sum")
         self.prev_alive: torch.Tensor | None = None
         self.prev_freq: torch.Tensor | None = None
         self.init_dead: torch.Tensor | None = None
-        self.train_fired: torch.Tensor | None = None
 
     def hook_names(self) -> list[str]:
-        return [f"blocks.{l}.mlp.hook_pre" for l in range(self.view.n_layers)]
+        return [f"blocks.{l}.mlp.hook_pre" for l in range(self.shape.n_layers)]
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
-        self.view = view
+    def training_hook_names(self) -> list[str]:
+        return self.hook_names() if self.train_batches else []
+
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
         z = torch.stack([cache[n] for n in self.hook_names()], dim=2).float()  # [B, T, L, F]
         on = z > 0
         self.density.append(on.float().mean(-1).flatten(0, 1))
@@ -81,15 +84,13 @@ class Sparsity(Analysis):
 
     def observe_training(self, name: str, activation: torch.Tensor) -> None:
         """Streaming OR of the units that fire on training tokens (called from the training forward pass)."""
-        if not self.train_batches:
-            return
         layer = int(name.split(".")[1])
-        fired = (activation.detach() > 0).flatten(0, -2).any(dim=0)
-        if self.train_fired is None:
-            self.train_fired = torch.zeros(self.view.n_layers, self.view.d_mlp, dtype=torch.bool, device=fired.device)
-        self.train_fired[layer] |= fired
+        on = (activation.detach() > 0).flatten(0, -2)
+        self.train_fired[layer] |= on.any(dim=0).to(torch.uint8)
+        if layer == 0:
+            self.train_tokens += on.shape[0]
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> Result:
         density, seq = dim_zero_cat(self.density), dim_zero_cat(self.seq_usage)
         q = torch.tensor([p / 100 for p in PERCENTILES], device=density.device)
         dq = density.quantile(q, dim=0)  # [P, L]
@@ -98,15 +99,13 @@ class Sparsity(Analysis):
         dead = ~alive
         n = int(self.n_tokens)
         out: dict[str, float] = {"sparsity/batch_window_tokens": float(n)}
-        if self.init_dead is None:
-            self.init_dead = dead.clone()
-        self.init_dead &= dead
+        init_dead = dead.clone() if self.init_dead is None else self.init_dead.to(dead.device) & dead
         expected = (((1 - self.prev_freq) ** n * self.prev_alive).sum(-1) if self.prev_freq is not None
-                    else torch.full((self.view.n_layers,), float("nan"), dtype=torch.float64))
-        for l in range(self.view.n_layers):
+                    else torch.full((self.shape.n_layers,), float("nan"), dtype=torch.float64))
+        for l in range(self.shape.n_layers):
             per = {"token_density_mean": density[:, l].mean().item(), "seq_usage_mean": seq[:, l].mean().item(),
                    "batch_usage": alive[l].float().mean().item(), "dead_frac": dead[l].float().mean().item(),
-                   "dead_count": float(dead[l].sum()), "dead_since_init": float(self.init_dead[l].sum()),
+                   "dead_count": float(dead[l].sum()), "dead_since_init": float(init_dead[l].sum()),
                    "always_on_frac": (freq[l] >= 0.99).float().mean().item(), "freq_median": freq[l].median().item(),
                    "dead_expected_chance": expected[l].item()}
             per |= {f"token_density_p{p}": dq[i, l].item() for i, p in enumerate(PERCENTILES)}
@@ -117,15 +116,7 @@ class Sparsity(Analysis):
                 per["turned_off"] = float((self.prev_alive[l] & dead[l]).sum())
                 per["revived"] = float((~self.prev_alive[l] & alive[l]).sum())
             out |= {f"sparsity/{k}/L{l}": v for k, v in per.items()}
-        out |= self._training_dead()
-        self.prev_alive, self.prev_freq = alive.clone(), freq.clone()
-        return out
-
-    def _training_dead(self) -> dict[str, float]:
-        if not self.train_batches or self.train_fired is None:
-            return {}
-        fired = self.train_fired.to(torch.uint8)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)  # OR over ranks
-        self.train_fired = None
-        return {f"sparsity/train_dead_frac/L{l}": (fired[l] == 0).float().mean().item() for l in range(len(fired))}
+        if self.train_tokens > 0:
+            out |= {f"sparsity/train_dead_frac/L{l}": (self.train_fired[l] == 0).float().mean().item()
+                    for l in range(self.shape.n_layers)}
+        return Result(out, carry={"prev_alive": alive.clone(), "prev_freq": freq.clone(), "init_dead": init_dead})

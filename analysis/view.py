@@ -1,8 +1,10 @@
-"""Model views: the only thing analyses know about a model.
+"""Model views: the only thing analyses know about a model, and the one place hooks live.
 
 A view exposes `run_with_cache(tokens, names)` with TransformerLens hook names, residual patching at
-(hook name, position), the unembedding (`W_U` [V, d], optional `b_U`), the final norm as a callable,
-each MLP's input and value vectors, and the sizes. `OwnModelView` wraps dynascope's Transformer;
+(hook name, position), the unembedding as `output_embeddings` ([V, d]: row v is token v's output
+embedding, the orientation of Hugging Face's `get_output_embeddings().weight`; TransformerLens's
+`W_U` is its transpose) with an optional `output_bias`, the final norm as a callable, each MLP's input
+and value vectors, and the model's `shape`. `TransformerView` views dynascope's own `Transformer`;
 `HFModelView` maps Hugging Face GPT-2, GPT-NeoX (Pythia) and Llama-family (OLMo-2, SmolLM) causal
 LMs onto the same names with forward hooks. For those, `blocks.{l}.hook_resid_mid` is not provided
 (GPT-NeoX's parallel residual has none), and for gated MLPs `mlp.hook_pre` is the gate
@@ -14,52 +16,78 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dynascope.train.errors import DynascopeError
-from dynascope.train.model import ModelConfig, Transformer, overwrite_position
+from dynascope.errors import DynascopeError
+from dynascope.train.model import HookPoint, ModelConfig, Transformer
 
 Cache = dict[str, torch.Tensor]
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 
 
-class ModelView:
-    """Base class: subclasses fill in the fields and `points` (hook name -> (module, "in" | "out"))."""
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes an analysis needs to declare its states, known before any checkpoint is loaded."""
 
-    model: nn.Module
     n_layers: int
     d_model: int
     d_mlp: int
     vocab_size: int
     context_length: int
     activation: str
-    points: dict[str, tuple[nn.Module, str]]
 
     @property
     def is_relu(self) -> bool:
         return self.activation == "relu"
 
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> ModelShape:
+        return cls(cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.vocab_size, cfg.context_length, cfg.activation)
+
+
+def overwrite_position(position: int, vectors: torch.Tensor) -> HookFn:
+    """A hook function that replaces the activation at sequence `position` by `vectors` [B, d]."""
+
+    def overwrite(o: torch.Tensor) -> torch.Tensor:
+        o = o.clone()
+        o[:, position] = vectors.to(o.dtype)
+        return o
+
+    return overwrite
+
+
+class ModelView:
+    """Base class: subclasses set `model`, `shape` and `points` (hook name -> (module, "in" | "out"))
+    and implement the weight accessors."""
+
+    model: nn.Module
+    shape: ModelShape
+    points: dict[str, tuple[nn.Module, str]]
+
     @property
     def device(self) -> torch.device:
-        return self.W_U.device
+        return self.output_embeddings.device
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @property
-    def W_U(self) -> torch.Tensor:
+    def output_embeddings(self) -> torch.Tensor:
+        """The unembedding [V, d]."""
         raise NotImplementedError
 
     @property
-    def b_U(self) -> torch.Tensor | None:
+    def output_bias(self) -> torch.Tensor | None:
         return None
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of final-norm outputs h [..., d]: h·W_Uᵀ (+ b_U)."""
-        logits = h.float() @ self.W_U.float().T
-        return logits if self.b_U is None else logits + self.b_U.float()
+        """fp32 logits of final-norm outputs h [..., d]: h·Eᵀ (+ bias)."""
+        logits = h.float() @ self.output_embeddings.float().T
+        return logits if self.output_bias is None else logits + self.output_bias.float()
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -80,13 +108,9 @@ class ModelView:
         """The MLP's output bias (a constant sub-update of no value vector), if any."""
         return None
 
-    def decode(self, ids: list[int]) -> list[str]:
-        """Token strings for ids; views with a tokenizer (`self.tokenizer`) decode, others print the ids."""
-        tok = getattr(self, "tokenizer", None)
-        return [tok.decode([i]) if tok is not None else str(i) for i in ids]
-
-    def add_hook(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-        """Register `fn` on hook `name` until the returned handle's `remove()`."""
+    def add_hook(self, name: str, fn: HookFn):
+        """Register `fn` on hook `name` until the returned handle's `remove()`; `fn` may return a
+        replacement activation."""
         if name not in self.points:
             raise KeyError(f"unknown hook name {name!r}; available: {sorted(self.points)}")
         module, where = self.points[name]
@@ -95,7 +119,7 @@ class ModelView:
         return module.register_forward_pre_hook(lambda m, a, k: _apply_in(fn, a, k), with_kwargs=True)
 
     @contextlib.contextmanager
-    def hooks(self, fns: dict[str, Callable[[torch.Tensor], torch.Tensor | None]]) -> Iterator[None]:
+    def hooks(self, fns: dict[str, HookFn]) -> Iterator[None]:
         unknown = sorted(set(fns) - set(self.points))
         if unknown:
             raise KeyError(f"unknown hook names {unknown}; available: {sorted(self.points)}")
@@ -107,6 +131,7 @@ class ModelView:
                 h.remove()
 
     def run_with_cache(self, tokens: torch.Tensor, names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+        """Logits and the activations at `names` (nothing is stored for names not asked for)."""
         cache: Cache = {}
         with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
             logits = self.forward(tokens)
@@ -119,25 +144,14 @@ class ModelView:
             return self.run_with_cache(tokens, names)
 
 
-def _config_json(path: str | Path) -> dict:
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise DynascopeError(f"{path} is not a Hugging Face model directory (no config.json)")
-    return json.loads(config.read_text())
-
-
-def _max_positions(config: dict) -> int:
-    return config.get("max_position_embeddings") or config["n_positions"]  # GPT-2 calls it n_positions
-
-
-def _apply_out(fn, output):
+def _apply_out(fn: HookFn, output):
     if isinstance(output, tuple):
         new = fn(output[0])
         return None if new is None else (new, *output[1:])
     return fn(output)
 
 
-def _apply_in(fn, args, kwargs):
+def _apply_in(fn: HookFn, args, kwargs):
     if args:
         new = fn(args[0])
         return None if new is None else ((new, *args[1:]), kwargs)
@@ -145,20 +159,19 @@ def _apply_in(fn, args, kwargs):
     return None if new is None else (args, {**kwargs, "hidden_states": new})
 
 
-class OwnModelView(ModelView):
+class TransformerView(ModelView):
+    """dynascope's own `Transformer`: its `HookPoint` modules are the hook names."""
+
     def __init__(self, model: Transformer):
         self.model = model
-        c: ModelConfig = model.cfg
-        self.n_layers, self.d_model, self.d_mlp = c.n_layers, c.d_model, c.d_mlp
-        self.vocab_size, self.context_length, self.activation = c.vocab_size, c.context_length, c.activation
-        modules = dict(model.named_modules())
-        self.points = {n: (modules[n], "out") for n in model.hook_names()}
+        self.shape = ModelShape.of(model.cfg)
+        self.points = {n: (m, "out") for n, m in model.named_modules() if isinstance(m, HookPoint)}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
     @property
-    def W_U(self) -> torch.Tensor:
+    def output_embeddings(self) -> torch.Tensor:
         return self.model.unembed.weight
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -179,7 +192,7 @@ class OwnModelView(ModelView):
 
     @classmethod
     def from_snapshot(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
-                      source: str = "snapshot") -> OwnModelView:
+                      source: str = "snapshot") -> TransformerView:
         model = Transformer(cfg)
         try:
             model.load_state_dict(weights, strict=True)
@@ -187,6 +200,17 @@ class OwnModelView(ModelView):
             first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise DynascopeError(f"{source} does not match the run's model config: {first}") from None
         return cls(model.eval())
+
+
+def _config_json(path: str | Path) -> dict:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise DynascopeError(f"{path} is not a Hugging Face model directory (no config.json)")
+    return json.loads(config.read_text())
+
+
+def _max_positions(config: dict) -> int:
+    return config.get("max_position_embeddings") or config["n_positions"]  # GPT-2 calls it n_positions
 
 
 # Per architecture: (blocks, embedding, final norm, MLP pre-activation, MLP output projection, activation attr)
@@ -210,14 +234,13 @@ class HFModelView(ModelView):
         blocks, embed, norm, pre, out, act = _HF_LAYOUTS[cfg.model_type]
         self._blocks = model.get_submodule(blocks)
         self._norm = model.get_submodule(norm)
-        self.n_layers = len(self._blocks)
-        self.d_model = cfg.hidden_size
-        self._out_name = out
-        self.d_mlp = self.mlp_values(0).shape[0]
-        self.vocab_size = model.get_output_embeddings().weight.shape[0]
-        self.context_length = _max_positions(cfg.to_dict())
+        self._pre_name, self._out_name = pre, out
         a = str(getattr(cfg, act, "gelu")).lower()
-        self.activation = "relu" if a == "relu" else "gelu" if "gelu" in a else a
+        self.shape = ModelShape(n_layers=len(self._blocks), d_model=cfg.hidden_size,
+                                d_mlp=self.mlp_values(0).shape[0],
+                                vocab_size=model.get_output_embeddings().weight.shape[0],
+                                context_length=_max_positions(cfg.to_dict()),
+                                activation="relu" if a == "relu" else "gelu" if "gelu" in a else a)
         self.points = {"hook_embed": (model.get_submodule(embed), "out"),
                        "ln_final.hook_normalized": (self._norm, "out")}
         for l, block in enumerate(self._blocks):
@@ -244,11 +267,11 @@ class HFModelView(ModelView):
         return self.model(input_ids=tokens, use_cache=False).logits
 
     @property
-    def W_U(self) -> torch.Tensor:
+    def output_embeddings(self) -> torch.Tensor:
         return self.model.get_output_embeddings().weight
 
     @property
-    def b_U(self) -> torch.Tensor | None:
+    def output_bias(self) -> torch.Tensor | None:
         return getattr(self.model.get_output_embeddings(), "bias", None)
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
@@ -262,7 +285,7 @@ class HFModelView(ModelView):
         return w if self.model.config.model_type == "gpt2" else w.T  # GPT-2's Conv1D stores [in, out]
 
     def mlp_in(self, layer: int) -> torch.Tensor:
-        return self._weight(layer, _HF_LAYOUTS[self.model.config.model_type][3]).T
+        return self._weight(layer, self._pre_name).T
 
     def mlp_values(self, layer: int) -> torch.Tensor:
         return self._weight(layer, self._out_name)

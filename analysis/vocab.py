@@ -7,7 +7,7 @@ layer l is Σ_i m_i v_i + b: coefficients m = `blocks.{l}.mlp.hook_post`, value 
 unembedding row of w.
 
 At a fixed subsample of probe positions (every `position_stride`-th, default 8):
-- Logit lens: each layer's prediction is argmax of final-norm(resid_post_l) @ W_Uᵀ.
+- Logit lens: each layer's prediction is argmax of final-norm(resid_post_l) @ Eᵀ (E the unembedding).
   `vocab/agree_final/L{l}`: fraction of positions whose layer-l top-1 is the final top-1. The
   saturation layer ℓ* is the first layer from which every later layer predicts the final top-1:
   `vocab/saturation_layer_mean`, its histogram (table `vocab/saturation_hist`), and the implied
@@ -19,14 +19,14 @@ At a fixed subsample of probe positions (every `position_stride`-th, default 8):
   `vocab/saturation_promoted_max/L{l}` for the promoted final token and `vocab/elimination_mean/L{l}`:
   the mean score for the eliminated tokens, those ranked above the promoted one before the FFN
   (final-norm of resid_post_l minus the FFN output), at most 10 of them.
-- Value vectors in vocabulary space (weights only): top tokens of W_U·v_i for `table_values` values
+- Value vectors in vocabulary space (weights only): top tokens of E·v_i for `table_values` values
   per layer (table `vocab/value_top_tokens`, decoded with the run's tokenizer), and a coherence proxy
   `vocab/value_coherence/L{l}`: mean pairwise cosine of the unembedding rows of each value's top-k
   tokens, averaged over `coherence_values` sampled values, against Gaussian vectors with the layer's
   per-coordinate value mean and std (`vocab/random_coherence/L{l}`).
 
 Departures: positions are a fixed stride of the probe windows rather than the last position of
-randomly cut sentences; values are projected with the raw unembedding (W_U·v_i, the lm-debugger
+randomly cut sentences; values are projected with the raw unembedding (E·v_i, the lm-debugger
 convention; the GPT-2 code applies the final norm first); a layer whose top-1 is the final top-1 at
 ℓ* = 0 has no "before the FFN" at layer 0 other than the attention output, which is what is used.
 With GELU, m_i can be negative, so scores keep their sign and |m_i| is used only for dominance.
@@ -34,12 +34,10 @@ With GELU, m_i can be negative, so scores keep their sign and |m_i| is used only
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from dynascope.analysis.base import Analysis
-from dynascope.analysis.view import Cache, ModelView
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.view import Cache, ModelShape
 
 TOP = 10
 
@@ -48,15 +46,15 @@ class Vocab(Analysis):
     name = "vocab"
     headline = "vocab/saturation_layer_mean"
 
-    def __init__(self, view: ModelView, position_stride: int = 8, table_values: int = 8, top_k: int = 10,
-                 coherence_values: int = 64, seed: int = 0, **kwargs: Any):
-        super().__init__(view, **kwargs)
+    def __init__(self, shape: ModelShape, context: AnalysisContext, position_stride: int = 8, table_values: int = 8,
+                 top_k: int = 10, coherence_values: int = 64, seed: int = 0):
+        super().__init__(shape, context)
         self.position_stride, self.table_values, self.top_k = position_stride, table_values, top_k
         self.coherence_values = coherence_values
-        L = view.n_layers
+        L = shape.n_layers
         g = torch.Generator().manual_seed(seed)
-        self.random_units = torch.stack([torch.randperm(view.d_mlp, generator=g)[:TOP] for _ in range(L)])
-        self.sampled_values = torch.stack([torch.randperm(view.d_mlp, generator=g)[:coherence_values]
+        self.random_units = torch.stack([torch.randperm(shape.d_mlp, generator=g)[:TOP] for _ in range(L)])
+        self.sampled_values = torch.stack([torch.randperm(shape.d_mlp, generator=g)[:coherence_values]
                                            for _ in range(L)])
         self.seed = seed
         for state in ("agree", "promotion_max", "promotion_rate", "random_max", "saturation_promoted_max",
@@ -66,13 +64,13 @@ class Vocab(Analysis):
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def hook_names(self) -> list[str]:
-        L = self.view.n_layers
+        L = self.shape.n_layers
         return [f"blocks.{l}.hook_resid_post" for l in range(L)] + [f"blocks.{l}.mlp.hook_post" for l in range(L)]
 
-    def update(self, view: ModelView, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
-        self.view = view
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+        view = self.view
         pos = torch.arange(self.position_stride - 1, tokens.shape[1], self.position_stride, device=tokens.device)
-        L, E = view.n_layers, view.W_U.float()
+        L, E = self.shape.n_layers, view.output_embeddings.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
         preds = torch.stack([view.unembed(view.final_norm(r)).argmax(-1) for r in resid])  # [L, N]
         final = preds[-1]
@@ -92,16 +90,17 @@ class Vocab(Analysis):
             self.random_max[l] += self._scores(m, values, E[preds[l]], rand).amax(-1).double().sum()
             events = (sat == l).nonzero().flatten()
             if len(events):
-                self._saturation(view, l, events, m, values, resid[l], final, top)
+                self._saturation(l, events, m, values, resid[l], final, top)
 
     @staticmethod
     def _scores(m: torch.Tensor, values: torch.Tensor, e: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """e_w · (m_i v_i) for each position's reference row e [N, d] and units [N, k]."""
         return m.gather(1, units) * torch.einsum("nd,nkd->nk", e, values[units])
 
-    def _saturation(self, view: ModelView, l: int, events: torch.Tensor, m: torch.Tensor, values: torch.Tensor,
+    def _saturation(self, l: int, events: torch.Tensor, m: torch.Tensor, values: torch.Tensor,
                     resid: torch.Tensor, final: torch.Tensor, top: torch.Tensor) -> None:
-        E = view.W_U.float()
+        view = self.view
+        E = view.output_embeddings.float()
         m, top, promoted = m[events], top[events], final[events]
         bias = view.mlp_out_bias(l)
         ffn_out = m @ values + (bias.float() if bias is not None else 0)
@@ -117,8 +116,8 @@ class Vocab(Analysis):
         self.elimination_mean[l] += per_event[has].double().sum()
         self.n_events[l] += has.double().sum()
 
-    def compute(self) -> dict[str, float]:
-        L, n = self.view.n_layers, self.n_positions
+    def compute(self) -> Result:
+        L, n = self.shape.n_layers, self.n_positions
         layers = torch.arange(L, dtype=torch.float64, device=self.saturation_hist.device)
         hist = self.saturation_hist
         out = {"vocab/saturation_layer_mean": (hist * layers).sum().item() / n.item(),
@@ -133,20 +132,27 @@ class Vocab(Analysis):
             out |= {f"vocab/{key}/L{l}": v for l, v in enumerate(vals.tolist())}
         for l in range(L):
             out[f"vocab/value_coherence/L{l}"], out[f"vocab/random_coherence/L{l}"] = self._coherence(l)
-        self._hist = (hist / n).tolist()
-        return out
+        rows = []
+        for l in range(L):
+            units = self.sampled_values[l][:self.table_values]
+            for unit, ids in zip(units.tolist(), self.value_top_tokens(l, units, self.top_k).tolist(), strict=True):
+                rows.append([l, unit, " | ".join(self.context.decode(ids))])
+        tables = {"vocab/value_top_tokens": Table(["layer", "unit", "top tokens of E·v"], rows),
+                  "vocab/saturation_hist": Table(["layer", "fraction of positions"],
+                                                 [[l, f] for l, f in enumerate((hist / n).tolist())])}
+        return Result(out, tables=tables)
 
     def value_top_tokens(self, layer: int, units: torch.Tensor, k: int) -> torch.Tensor:
-        """Top-k token ids of W_U·v_i for each unit i: [len(units), k]."""
+        """Top-k token ids of E·v_i for each unit i: [len(units), k]."""
         return self._top_tokens(self.view.mlp_values(layer).float()[units], k)
 
     def _top_tokens(self, vectors: torch.Tensor, k: int) -> torch.Tensor:
-        """Top-k token ids of the raw vocabulary projection W_U·v of each vector: [n, k]."""
-        return (vectors @ self.view.W_U.float().T).topk(k, dim=-1).indices
+        """Top-k token ids of the raw vocabulary projection E·v of each vector: [n, k]."""
+        return (vectors @ self.view.output_embeddings.float().T).topk(k, dim=-1).indices
 
     def _coherence(self, layer: int) -> tuple[float, float]:
         values = self.view.mlp_values(layer).float()
-        E = torch.nn.functional.normalize(self.view.W_U.float(), dim=-1)
+        E = torch.nn.functional.normalize(self.view.output_embeddings.float(), dim=-1)
         g = torch.Generator().manual_seed(self.seed + layer)
         noise = torch.randn(len(self.sampled_values[layer]), values.shape[1], generator=g).to(values.device)
         random = values.mean(0) + noise * values.std(0)
@@ -158,13 +164,3 @@ class Vocab(Analysis):
             return sims[:, off].mean().item()
 
         return coherence(values[self.sampled_values[layer].to(values.device)]), coherence(random)
-
-    def tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        rows = []
-        for l in range(self.view.n_layers):
-            units = self.sampled_values[l][:self.table_values]
-            for unit, ids in zip(units.tolist(), self.value_top_tokens(l, units, self.top_k).tolist(), strict=True):
-                rows.append([l, unit, " | ".join(self.view.decode(ids))])
-        hist = [[l, f] for l, f in enumerate(self._hist)]
-        return {"vocab/value_top_tokens": (["layer", "unit", "top tokens of W_U·v"], rows),
-                "vocab/saturation_hist": (["layer", "fraction of positions"], hist)}

@@ -1,9 +1,10 @@
 """`DynamicsCallback`: runs the registered analyses on the probe set at every snapshot step.
 
-It knows nothing about any phenomenon: at each step of the checkpoint schedule (including step 0,
-before the first update) it switches to eval mode, runs one no-grad forward pass per probe batch on
-every rank's shard, lets each analysis update and compute (a collective), logs on rank 0 to every
-attached logger at `trainer/global_step` with `tokens_seen`, and restores train mode.
+It knows nothing about any phenomenon. At each step of the checkpoint schedule (including step 0,
+before the first update) it switches to eval mode, measures the checkpoint on every rank's shard
+of the probe set (`measure`, a collective), restores train mode, and on rank 0 hands the record to
+the run's `Recorder`, which writes it to every logger (metrics.jsonl, wandb), summary.json and
+tables/. Analyses that watch training batches get forward hooks on the training passes.
 """
 
 from __future__ import annotations
@@ -15,57 +16,85 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 
 from dynascope.analysis import build, resolve
-from dynascope.analysis.base import measure
+from dynascope.analysis.base import Analysis, AnalysisContext, Table
+from dynascope.analysis.measure import measure
 from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe, shard
-from dynascope.analysis.records import append_table, update_summary
-from dynascope.analysis.view import OwnModelView
-from dynascope.train.checkpoints import CheckpointSchedule, OnSchedule, Snapshots
+from dynascope.analysis.records import Recorder, Sink
+from dynascope.analysis.view import TransformerView
+from dynascope.callbacks.snapshots import OnSchedule, Snapshots
+from dynascope.train.schedule import CheckpointSchedule
+
+
+class LoggerSink(Sink):
+    """A Lightning logger as a record sink; wandb also gets the summary and the tables."""
+
+    def __init__(self, logger: Logger):
+        self.logger = logger
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.logger.log_metrics({k: v for k, v in metrics.items() if k != "label"}, step=step)
+
+    def log_summary(self, summary: dict[str, float | None]) -> None:
+        if isinstance(self.logger, WandbLogger):
+            self.logger.experiment.summary.update(summary)
+
+    def log_table(self, key: str, table: Table, step: int) -> None:
+        if isinstance(self.logger, WandbLogger):
+            self.logger.log_table(key, columns=table.columns, data=table.rows, step=step)
 
 
 class DynamicsCallback(OnSchedule):
     def __init__(self, analyses: str | list[str] = "all", probe_windows: int = 64, probe_seed: int = 0,
                  batch_size: int = 16, options: dict[str, dict] | None = None):
-        """`options`: per-analysis constructor arguments, e.g. `{regions: {write_layers: [0, 3]}}`."""
+        """Measure analyses on a fixed probe set at every snapshot step.
+
+        Args:
+            analyses: Registered analysis names (comma-separated or a list), or all.
+            probe_windows: Validation windows of context_length tokens in the probe set.
+            probe_seed: Seed of the probe windows' positions.
+            batch_size: Probe windows per forward pass.
+            options: Per-analysis constructor arguments, e.g. {regions: {write_layers: [0, 3]}}.
+        """
         self.names = resolve(analyses)
         self.options = options or {}
         self.probe_windows, self.probe_seed, self.batch_size = probe_windows, probe_seed, batch_size
-        self.analyses = []
-        self._carry: dict[str, dict[str, Any]] = {}
-        self._last_step = -1
-        self._summary: dict[str, float] = {}
+        self.analyses: list[Analysis] = []
+        self._saved: dict[str, dict[str, Any]] = {}
+        self._train_hooks: list = []
+        self._global_zero = True
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         snapshots = [cb for cb in trainer.callbacks if isinstance(cb, Snapshots)]
         self.schedule = snapshots[0].schedule if snapshots else CheckpointSchedule()
-        path = Path(trainer.default_root_dir) / PROBE_FILE
-        if path.exists():
-            probe = load_probe(path)
-        else:  # seeded, so every rank draws the same windows; rank 0 keeps them for offline replay
-            val = trainer.datamodule.corpus.tokens("val")
-            probe = sample_probe(val, self.probe_windows, pl_module.arch.context_length, self.probe_seed)
-            if trainer.is_global_zero:
-                save_probe(path, probe)
-        self.probe = shard(probe, trainer.global_rank, trainer.world_size)
-        self.view = OwnModelView(pl_module.model)
+        run_dir = Path(trainer.default_root_dir)
         corpus = trainer.datamodule.corpus
-        self.view.tokenizer, self.view.counts = corpus.tokenizer(), corpus.counts()
+        if (run_dir / PROBE_FILE).exists():
+            probe = load_probe(run_dir / PROBE_FILE)
+        else:  # seeded, so every rank draws the same windows; rank 0 keeps them for offline replay
+            probe = sample_probe(corpus.tokens("val"), self.probe_windows, pl_module.arch.context_length,
+                                 self.probe_seed)
+            if trainer.is_global_zero:
+                save_probe(run_dir / PROBE_FILE, probe)
+        self.probe = shard(probe, trainer.global_rank, trainer.world_size)
+        context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer())
         if trainer.is_global_zero:  # the offline runner reads the same tokenizer and corpus counts
-            self.view.tokenizer.save(str(Path(trainer.default_root_dir) / "tokenizer.json"))
-            np.save(Path(trainer.default_root_dir) / "counts.npy", self.view.counts)
-        self.analyses = build(self.names, self.view, self.options)
-        for a in self.analyses:
-            a.load_carry_state(self._carry.get(a.name, {}))
+            context.tokenizer.save(str(run_dir / "tokenizer.json"))
+            np.save(run_dir / "counts.npy", context.counts.numpy())
+            self.recorder = Recorder(run_dir, [LoggerSink(logger) for logger in trainer.loggers])
+        self.view = TransformerView(pl_module.model)
+        self.analyses = build(self.names, self.view.shape, context, self.options, trainer.strategy.root_device)
+        self._global_zero = trainer.is_global_zero
+        self._restore()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Analyses that stream training activations get hooks on the training forward pass (grad
-        # enabled), which the probe passes (no grad) do not feed.
+        # Training-stream hooks see the training forward pass (grad enabled), not the no-grad probe passes.
         self._train_hooks = [
             self.view.add_hook(name, lambda act, a=a, name=name: a.observe_training(name, act)
                                if torch.is_grad_enabled() else None)
-            for a in self.analyses if getattr(a, "train_batches", False) for name in a.hook_names()]
+            for a in self.analyses for name in a.training_hook_names()]
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -76,42 +105,23 @@ class DynamicsCallback(OnSchedule):
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
-        for a in self.analyses:
-            a.step = step
-        values = measure(self.view, self.analyses, self.probe.to(pl_module.device), self.batch_size)
+        record = measure(self.view, self.analyses, self.probe.to(pl_module.device), step,
+                         float(pl_module.tokens_seen(step)), self.batch_size)
         pl_module.train(was_training)
-        values |= {"dynamics/seconds": time.perf_counter() - start, "tokens_seen": float(pl_module.tokens_seen(step))}
+        record.values["dynamics/seconds"] = time.perf_counter() - start
         if trainer.is_global_zero:
-            self._record(trainer, step, values)
-
-    def _record(self, trainer: L.Trainer, step: int, values: dict[str, float]) -> None:
-        run_dir = Path(trainer.default_root_dir)
-        summary = {k: v for a in self.analyses for k, v in a.summary().items()}
-        for key in sorted(summary.keys() | self._summary.keys()):
-            if key.endswith("_step") and summary.get(key) != self._summary.get(key):  # appeared or was revised
-                value = summary.get(key)
-                print(f"dynascope: step {step}: {key} = {'none (revised away)' if value is None else value}")
-        self._summary = summary
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=step)
-            if isinstance(logger, WandbLogger):
-                logger.experiment.summary.update(summary)
-        if summary:
-            update_summary(run_dir / "summary.json", summary)
-        for a in self.analyses:
-            for key, (columns, rows) in a.tables().items():
-                append_table(run_dir / "tables", key, step, columns, rows)
-                for logger in trainer.loggers:
-                    if isinstance(logger, WandbLogger):
-                        logger.log_table(key, columns=columns, data=rows, step=step)
+            self.recorder.write(record)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"carry": {a.name: a.carry_state() for a in self.analyses}, "last_step": self._last_step}
+        return {"analyses": {a.name: a.checkpoint_state() for a in self.analyses}, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._carry = state_dict["carry"]
+        self._saved = state_dict["analyses"]
         self._last_step = state_dict["last_step"]
+        self._restore()
+
+    def _restore(self) -> None:
+        """Loaded state reaches the analyses whichever of setup and load_state_dict runs last."""
         for a in self.analyses:
-            a.load_carry_state(self._carry.get(a.name, {}))
-
-
+            if a.name in self._saved:
+                a.load_checkpoint_state(self._saved.pop(a.name), with_states=self._global_zero)

@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_CONSOLE", "off")  # no stdout wrapping: tests read what dynascope prints
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = ("the a cat dog sat ran on under mat tree house river quickly slowly red blue small large "
@@ -51,3 +52,22 @@ def tiny_args(corpus_file: Path, run_dir: Path, max_steps: int, *extra: str) -> 
             "--snapshots.log_cap", "4", "--snapshots.every", "3", "--checkpoints.every_n_steps", "4",
             "--dynamics.options", '{"regions": {"pairs_per_window": 1}, "sparsity": {"train_batches": true}}',
             *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, corpus_file) -> Path:
+    """A finished 7-step tiny run with every analysis online (training stream included), analysed
+    offline too. Shared: tests that change a run work on `copy_run(tiny_run, tmp_path)`."""
+    from dynascope.analysis.runner import analyze_run
+    from dynascope.train.cli import fit_cli
+
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    fit_cli(tiny_args(corpus_file, run, 7))
+    analyze_run(run)
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / run.name))

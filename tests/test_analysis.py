@@ -5,32 +5,32 @@ import torch
 import torch.nn.functional as F
 
 from dynascope.analysis import build, resolve
-from dynascope.analysis.base import measure
+from dynascope.analysis.measure import measure
 from dynascope.analysis.probe import sample_probe, shard
-from dynascope.analysis.view import OwnModelView
-from dynascope.train.errors import DynascopeError
+from dynascope.analysis.view import TransformerView
+from dynascope.errors import DynascopeError
 from dynascope.train.model import ModelConfig, Transformer
 
 
-def view() -> OwnModelView:
+def view() -> TransformerView:
     torch.manual_seed(0)
-    return OwnModelView(Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=40,
-                                                context_length=10)).eval())
+    return TransformerView(Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=40,
+                                                   context_length=10)).eval())
 
 
 def test_basic_matches_direct_computation_and_is_batch_size_independent():
     v = view()
     tokens = torch.randint(0, 40, (7, 10))
-    (a,) = build("basic", v)
-    values = measure(v, [a], tokens, batch_size=3)
+    (a,) = build("basic", v.shape)
+    values = measure(v, [a], tokens, step=0, batch_size=3).values
     logits, cache = v.run_with_cache(tokens, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 40), tokens[:, 1:].reshape(-1))
     assert values["basic/probe_loss"] == pytest.approx(loss.item(), rel=1e-6)
     assert values["basic/resid_norm/L1"] == pytest.approx(cache["blocks.1.hook_resid_post"].norm(dim=-1).mean().item(),
                                                           rel=1e-6)
-    rows = v.W_U.norm(dim=-1)
+    rows = v.output_embeddings.norm(dim=-1)
     assert values["basic/unembed_row_norm_max"] == pytest.approx(rows.max().item(), rel=1e-6)
-    again = measure(v, [a], tokens, batch_size=7)  # reset between checkpoints, no carry-over
+    again = measure(v, [a], tokens, step=1, batch_size=7).values  # reset between checkpoints, no carry-over
     assert again == pytest.approx(values, rel=1e-6)
 
 
@@ -54,17 +54,18 @@ def test_probe_is_seeded_and_shards_cover_it():
 
 def test_view_exposes_weights():
     v = view()
-    assert v.mlp_values(1).shape == (32, 16) and v.mlp_in(0).shape == (32, 16) and v.W_U.shape == (40, 16)
+    E = v.output_embeddings
+    assert v.mlp_values(1).shape == (32, 16) and v.mlp_in(0).shape == (32, 16) and E.shape == (40, 16)
     h = torch.randn(3, 16)
-    torch.testing.assert_close(v.final_norm(h) @ v.W_U.T, v.model.unembed(v.model.ln_final(h)))
-    assert v.is_relu and not math.isnan(v.W_U.sum().item())
+    torch.testing.assert_close(v.unembed(v.final_norm(h)), v.model.unembed(v.model.ln_final(h)))
+    assert v.shape.is_relu and not math.isnan(E.sum().item())
 
 
 def test_analysis_package_imports_no_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, dynascope.analysis.runner, dynascope.analysis.plots; "
+    code = ("import sys, dynascope.analysis.runner, dynascope.analysis.plots, dynascope.cli; "
             "print(any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import dynascope.train.snapshots as ck
-from dynascope.train.checkpoints import CheckpointSchedule
-from dynascope.train.errors import DynascopeError
+from dynascope.errors import DynascopeError
+from dynascope.train.schedule import CheckpointSchedule
 
 
 def test_schedule_is_log_spaced_then_periodic_plus_final():

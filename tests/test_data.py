@@ -4,15 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from dynascope.train.cli import main
+from dynascope.cli import main
+from dynascope.errors import DynascopeError
 from dynascope.train.data import Corpus, DataConfig, _embedded_documents, _embedded_file, prepare_corpus, sample_batch
-from dynascope.train.errors import DynascopeError
 
 
 def test_prepare_corpus_writes_memmaps_counts_and_tokenizer(corpus_file, tmp_path):
-    cfg = DataConfig(source="files", paths=[str(corpus_file)], vocab_size=320, val_fraction=0.2)
-    path = prepare_corpus(cfg, tmp_path)
-    assert prepare_corpus(cfg, tmp_path) == path  # cached by config hash
+    cfg = DataConfig(source="files", paths=[str(corpus_file)], vocab_size=320, val_fraction=0.2,
+                     cache_dir=str(tmp_path))
+    path = prepare_corpus(cfg)
+    assert prepare_corpus(cfg) == path  # cached by config hash
     c = Corpus(path)
     train, val = c.tokens("train"), c.tokens("val")
     assert train.dtype == np.uint16 and c.meta["vocab_size"] <= 320
@@ -100,8 +101,9 @@ def test_hub_source_streams_a_dataset_by_name(tmp_path, corpus_file):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text("".join(js.dumps({"content": d}) + "\n" for d in docs))
     cfg = DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="content", hf_max_docs=150,
-                     vocab_size=320)
-    c = Corpus(prepare_corpus(cfg, tmp_path / "cache"))
+                     vocab_size=320, cache_dir=str(tmp_path / "cache"))
+    c = Corpus(prepare_corpus(cfg))
     assert c.meta["n_documents"] == 150
     with pytest.raises(DynascopeError, match="text_column 'body'"):
-        prepare_corpus(DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="body"), tmp_path / "c2")
+        prepare_corpus(DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="body",
+                                  cache_dir=str(tmp_path / "c2")))

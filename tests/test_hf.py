@@ -6,7 +6,8 @@ from conftest import make_text
 
 transformers = pytest.importorskip("transformers")
 
-from dynascope.analysis.runner import analyze_hf, read_csv  # noqa: E402
+from dynascope.analysis.records import read_csv  # noqa: E402
+from dynascope.analysis.runner import analyze_hf  # noqa: E402
 from dynascope.analysis.view import HFModelView  # noqa: E402
 from dynascope.train.data import DataConfig, train_tokenizer  # noqa: E402
 
@@ -41,14 +42,14 @@ def test_hf_hooks_match_hidden_states(kind):
     torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hs[1])
     torch.testing.assert_close(cache["ln_final.hook_normalized"], hs[2])
     torch.testing.assert_close(v.final_norm(cache["blocks.1.hook_resid_post"]), hs[2])
-    torch.testing.assert_close(cache["ln_final.hook_normalized"] @ v.W_U.T, logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v.unembed(cache["ln_final.hook_normalized"]), logits, rtol=1e-4, atol=1e-5)
     # the MLP output is hook_post times the value vectors (plus the output bias, where there is one)
     post = cache["blocks.1.mlp.hook_post"]
     down = v._blocks[1].get_submodule(v._out_name)
     bias = down.bias if getattr(down, "bias", None) is not None else 0
     torch.testing.assert_close(post @ v.mlp_values(1) + bias, down(post))
     assert cache["blocks.1.mlp.hook_post"].shape == (2, 12, 64) and v.mlp_values(1).shape == (64, 32)
-    assert v.mlp_in(0).shape == (64, 32) and v.d_mlp == 64 and v.n_layers == 2
+    assert v.mlp_in(0).shape == (64, 32) and v.shape.d_mlp == 64 and v.shape.n_layers == 2
     patched, pc = v.patch_residual(x, "blocks.1.hook_resid_pre", 4, torch.zeros(2, 32), ["blocks.1.hook_resid_pre"])
     assert pc["blocks.1.hook_resid_pre"][:, 4].abs().max() == 0
     torch.testing.assert_close(patched[:, :4], logits[:, :4])
@@ -68,11 +69,12 @@ def test_analyze_hf_runs_on_saved_checkpoints(tmp_path, capsys):
     labels = ["step0", "step100", "step200"]
     report = analyze_hf(dirs, tmp_path / "out", labels, "basic", DataConfig(source="files", paths=[str(corpus)]),
                         n_windows=8, context_length=32)
-    assert [r["step"] for r in report.rows] == [0, 100, 200] and not report.skipped
-    for r, d in zip(report.rows, dirs, strict=True):
+    assert [r.step for r in report.records] == [0, 100, 200] and not report.skipped
+    for r, d in zip(report.records, dirs, strict=True):
         v = HFModelView.from_dir(d)
-        assert r["basic/unembed_row_norm_mean"] == pytest.approx(v.W_U.norm(dim=-1).mean().item(), rel=1e-6)
-        assert 5.0 < r["basic/probe_loss"] < 6.5  # ~log(320) for random models
+        norm = v.output_embeddings.norm(dim=-1).mean().item()
+        assert r.values["basic/unembed_row_norm_mean"] == pytest.approx(norm, rel=1e-6)
+        assert 5.0 < r.values["basic/probe_loss"] < 6.5  # ~log(320) for random models
     assert (tmp_path / "out" / "metrics.csv").exists() and (tmp_path / "out" / "probe.safetensors").exists()
 
 
@@ -81,7 +83,7 @@ def test_analyze_command_uploads_the_table_to_wandb(tmp_path, capsys):
 
     import wandb_reader
 
-    from dynascope.train.cli import main
+    from dynascope.cli import main
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(200))

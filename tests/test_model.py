@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dynascope.analysis.view import TransformerView
 from dynascope.train.model import ModelConfig, Transformer
 
 
@@ -64,8 +65,9 @@ def test_cached_activations_match_hand_computation(activation, norm):
     x = torch.randint(0, 50, (3, 12))
     expected = by_hand(m, x)
     names = [n for n in expected if n != "logits"]
-    assert set(names) == set(m.hook_names())
-    logits, cache = m.run_with_cache(x, names)
+    view = TransformerView(m)
+    assert set(names) == set(view.points)
+    logits, cache = view.run_with_cache(x, names)
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
     for n in names:
         torch.testing.assert_close(cache[n], expected[n], rtol=1e-4, atol=1e-5, msg=n)
@@ -74,22 +76,22 @@ def test_cached_activations_match_hand_computation(activation, norm):
 def test_cache_holds_only_requested_names_and_rejects_unknown():
     m = small()
     x = torch.randint(0, 50, (2, 12))
-    logits, cache = m.run_with_cache(x, ["blocks.1.mlp.hook_post"])
+    logits, cache = TransformerView(m).run_with_cache(x, ["blocks.1.mlp.hook_post"])
     assert list(cache) == ["blocks.1.mlp.hook_post"] and cache["blocks.1.mlp.hook_post"].shape == (2, 12, 32)
     assert not any(mod._forward_hooks for mod in m.modules())  # hooks are removed afterwards
     torch.testing.assert_close(logits, m(x))
     with pytest.raises(KeyError, match="blocks.7.hook_resid_post"):
-        m.run_with_cache(x, ["blocks.7.hook_resid_post"])
+        TransformerView(m).run_with_cache(x, ["blocks.7.hook_resid_post"])
 
 
 def test_patch_residual_overwrites_one_position_and_acts_causally():
-    m = small()
+    view = TransformerView(small())
     x = torch.randint(0, 50, (2, 12))
-    clean, cache = m.run_with_cache(x, ["blocks.0.hook_resid_post"])
-    same, _ = m.patch_residual(x, "blocks.0.hook_resid_post", 5, cache["blocks.0.hook_resid_post"][:, 5])
+    clean, cache = view.run_with_cache(x, ["blocks.0.hook_resid_post"])
+    same, _ = view.patch_residual(x, "blocks.0.hook_resid_post", 5, cache["blocks.0.hook_resid_post"][:, 5])
     torch.testing.assert_close(same, clean)
     v = torch.randn(2, 16)
-    patched, pc = m.patch_residual(x, "blocks.0.hook_resid_post", 5, v, names=["blocks.1.hook_resid_pre"])
+    patched, pc = view.patch_residual(x, "blocks.0.hook_resid_post", 5, v, names=["blocks.1.hook_resid_pre"])
     torch.testing.assert_close(pc["blocks.1.hook_resid_pre"][:, 5], v)
     torch.testing.assert_close(patched[:, :5], clean[:, :5])  # earlier positions cannot see position 5
     assert (patched[:, 5:] - clean[:, 5:]).abs().amax() > 1e-3
@@ -110,7 +112,7 @@ def test_parameter_count_and_flops():
 def test_variants_and_config_errors():
     for act in ("relu2", "swiglu"):
         m = small(act)
-        _, cache = m.run_with_cache(torch.randint(0, 50, (1, 12)), ["blocks.0.mlp.hook_post"])
+        _, cache = TransformerView(m).run_with_cache(torch.randint(0, 50, (1, 12)), ["blocks.0.mlp.hook_post"])
         assert cache["blocks.0.mlp.hook_post"].shape == (1, 12, 32)
     with pytest.raises(ValueError, match="activation"):
         ModelConfig(activation="tanh")
@@ -125,6 +127,6 @@ def test_compiled_forward_matches_eager_and_hooks_still_work():
     x = torch.randint(0, 50, (2, 12))
     compiled = torch.compile(m.forward)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
-    _, cache = m.run_with_cache(x, ["ln_final.hook_normalized"])
+    _, cache = TransformerView(m).run_with_cache(x, ["ln_final.hook_normalized"])
     assert cache["ln_final.hook_normalized"].shape == (2, 12, 16)
     torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)

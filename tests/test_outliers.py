@@ -1,15 +1,15 @@
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fakes import FakeView
 from torch import nn
 
 from dynascope.analysis import build
-from dynascope.analysis.base import measure
+from dynascope.analysis.base import AnalysisContext
+from dynascope.analysis.measure import measure
 from dynascope.analysis.outliers import outlier_dims, robust_z
 from dynascope.analysis.probe import shard
-from dynascope.analysis.view import ModelView
 from dynascope.train.model import HookPoint
 
 
@@ -19,7 +19,7 @@ class Planted(nn.Module):
     def __init__(self, d: int, offsets: dict[int, float], vocab: int = 40, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.W_U = torch.randn(vocab, d, generator=g) / d ** 0.5
+        self.E = torch.randn(vocab, d, generator=g) / d ** 0.5
         self.d, self.offsets, self.seed = d, offsets, seed
         self.normalized = HookPoint()
 
@@ -29,29 +29,14 @@ class Planted(nn.Module):
         h = noise[tokens[:, 0]]  # each window's first token picks its noise, so shards see the same vectors
         for dim, off in self.offsets.items():
             h[..., dim] += off
-        return self.normalized(h) @ self.W_U.T
+        return self.normalized(h) @ self.E.T
 
 
-class PlantedView(ModelView):
-    def __init__(self, d=512, offsets=None, counts=None):
-        self.model = Planted(d, offsets or {})
-        self.n_layers, self.d_model, self.d_mlp, self.vocab_size, self.context_length = 1, d, 2 * d, 40, 40
-        self.activation = "relu"
-        self.points = {"ln_final.hook_normalized": (self.model.normalized, "out")}
-        self.counts = counts
-
-    def forward(self, tokens):
-        return self.model(tokens)
-
-    @property
-    def W_U(self):
-        return self.model.W_U
-
-    def final_norm_gain(self):
-        return torch.linspace(0.5, 1.5, self.d_model)
-
-    def mlp_values(self, layer):
-        return torch.randn(self.d_mlp, self.d_model, generator=torch.Generator().manual_seed(3))
+def planted_view(d: int = 512, offsets: dict[int, float] | None = None) -> FakeView:
+    model = Planted(d, offsets or {})
+    return FakeView(model, {"ln_final.hook_normalized": model.normalized}, model.E, d_mlp=2 * d, context_length=40,
+                    gain=torch.linspace(0.5, 1.5, d),
+                    values=torch.randn(2 * d, d, generator=torch.Generator().manual_seed(3)))
 
 
 def windows(n=32, length=40):
@@ -61,35 +46,35 @@ def windows(n=32, length=40):
 
 
 def test_planted_offset_dimensions_are_found_in_order():
-    v = PlantedView(offsets={7: 6.0, 40: -8.0, 12: 5.0}, counts=np.arange(1, 41) ** 2)
-    (a,) = build("outliers", v)
-    out = measure(v, [a], windows())
+    v = planted_view(offsets={7: 6.0, 40: -8.0, 12: 5.0})
+    (a,) = build("outliers", v.shape, AnalysisContext(counts=torch.arange(1, 41) ** 2))
+    record = measure(v, [a], windows(), step=0)
+    out = record.values
     assert out["outliers/count"] == 3
-    assert [row[1] for row in a.tables()["outliers/dims"][1]] == [40, 7, 12]  # by median |h|
+    assert [row[1] for row in record.tables["outliers/dims"].rows] == [40, 7, 12]  # by median |h|
     assert out["outliers/score_max"] > 1 and out["outliers/robust_z_max"] > 10
     assert out["outliers/ablate_kl"] > 10 * out["outliers/random_kl"]
     assert {"outliers/full_spearman", "outliers/ablate_mean_logfreq_drop"} <= set(out)
-    assert a.summary() == {"outliers/emergence_step": 0.0, "outliers/emergence_revisions": 0.0}
+    assert record.summary == {"outliers/emergence_step": 0.0, "outliers/emergence_revisions": 0.0}
 
 
 def test_no_planted_dimensions_gives_none_and_revises_emergence():
-    v = PlantedView(offsets={3: 8.0})
-    (a,) = build("outliers", v)
-    measure(v, [a], windows())
-    a.step = 4
-    plain = PlantedView()
-    out = measure(plain, [a], windows())
+    v = planted_view(offsets={3: 8.0})
+    (a,) = build("outliers", v.shape)
+    measure(v, [a], windows(), step=0)
+    record = measure(planted_view(), [a], windows(), step=4)
+    out = record.values
     assert out["outliers/count"] == 0 and out["outliers/score_max"] < 1 and "outliers/ablate_kl" not in out
     assert out["outliers/jaccard_prev"] == 0.0
-    assert a.summary() == {"outliers/emergence_step": None, "outliers/emergence_revisions": 1.0}
-    assert a.revisions == [(0, 0), (4, None)]
+    assert record.summary == {"outliers/emergence_step": None, "outliers/emergence_revisions": 1.0}
+    assert a.emergence == [(0, 0), (4, None)]
 
 
 def test_self_masking_is_caught_by_the_robust_score():
     planted = {10 * i + 3: 3.0 + 0.5 * i for i in range(6)}  # 6 dims of d = 256: above 2% of d/2
-    v = PlantedView(d=256, offsets=planted)
-    (a,) = build("outliers", v)
-    out = measure(v, [a], windows(64))
+    v = planted_view(d=256, offsets=planted)
+    (a,) = build("outliers", v.shape)
+    out = measure(v, [a], windows(64), step=0).values
     assert out["outliers/count"] < 6  # the dims raise the 99th percentile above their own medians
     _, cache = v.run_with_cache(windows(64), ["ln_final.hook_normalized"])
     _, med, _ = outlier_dims(cache["ln_final.hook_normalized"][:, 16:-1].flatten(0, 1))
@@ -97,17 +82,18 @@ def test_self_masking_is_caught_by_the_robust_score():
 
 
 def test_ablation_matches_direct_computation():
-    v = PlantedView(offsets={5: 7.0, 9: -7.0})
-    (a,) = build("outliers", v)
+    v = planted_view(offsets={5: 7.0, 9: -7.0})
+    (a,) = build("outliers", v.shape)
     tokens = windows(8)
-    out = measure(v, [a], tokens)
+    out = measure(v, [a], tokens, step=0).values
     _, cache = v.run_with_cache(tokens, ["ln_final.hook_normalized"])
     h = cache["ln_final.hook_normalized"][:, 16:-1].flatten(0, 1)
     gold = tokens[:, 17:].flatten()
-    z = h @ v.W_U.T
+    E = v.output_embeddings
+    z = h @ E.T
     hz = h.clone()
     hz[:, [5, 9]] = 0
-    lp, lq = z.log_softmax(-1), (hz @ v.W_U.T).log_softmax(-1)
+    lp, lq = z.log_softmax(-1), (hz @ E.T).log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
     assert out["outliers/ablate_kl"] == pytest.approx(kl, rel=1e-5)
     acc_drop = (z.argmax(-1) == gold).float().mean() - (lq.argmax(-1) == gold).float().mean()
@@ -117,15 +103,15 @@ def test_ablation_matches_direct_computation():
 
 def _rank_main(rank: int, path: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    v = PlantedView(offsets={7: 6.0, 40: -8.0})
-    results[rank] = measure(v, build("outliers", v), shard(windows(), rank, 2))
+    v = planted_view(offsets={7: 6.0, 40: -8.0})
+    results[rank] = measure(v, build("outliers", v.shape), shard(windows(), rank, 2), step=0).values
     dist.destroy_process_group()
 
 
 def test_two_ranks_give_the_single_process_values(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_rank_main, args=(str(tmp_path / "store"), results), nprocs=2)
-    v = PlantedView(offsets={7: 6.0, 40: -8.0})
-    single = measure(v, build("outliers", v), windows())
+    v = planted_view(offsets={7: 6.0, 40: -8.0})
+    single = measure(v, build("outliers", v.shape), windows(), step=0).values
     for rank in (0, 1):
         assert results[rank] == pytest.approx(single, rel=1e-6, nan_ok=True)

@@ -1,10 +1,11 @@
 import pytest
 import torch
+from fakes import FakeView
 from torch import nn
 
 from dynascope.analysis import build
-from dynascope.analysis.base import measure
-from dynascope.analysis.view import ModelView, OwnModelView
+from dynascope.analysis.measure import measure
+from dynascope.analysis.view import TransformerView
 from dynascope.train.model import HookPoint, ModelConfig, Transformer
 
 
@@ -24,21 +25,6 @@ class Toy(nn.Module):
         return self.normalized(out) @ torch.eye(h.shape[-1])
 
 
-class ToyView(ModelView):
-    def __init__(self, model: Toy):
-        self.model, self.n_layers, self.d_model, self.d_mlp, self.vocab_size = model, 1, 4, 4, 4
-        self.context_length, self.activation = 32, "gelu"
-        self.points = {"blocks.0.hook_resid_post": (model.resid, "out"),
-                       "ln_final.hook_normalized": (model.normalized, "out")}
-
-    def forward(self, tokens):
-        return self.model(tokens)
-
-    @property
-    def W_U(self):
-        return torch.eye(4)
-
-
 def toy_windows(n: int = 3) -> torch.Tensor:
     """Windows of 40 tokens whose A prompts end in token 0 and B prompts in token 1."""
     w = torch.full((n, 40), 2)
@@ -47,33 +33,36 @@ def toy_windows(n: int = 3) -> torch.Tensor:
     return w
 
 
-def planted(step: bool) -> ToyView:
+def planted(step: bool) -> FakeView:
     model = Toy(step)
     with torch.no_grad():
         model.embed.weight.zero_()
         model.embed.weight[0] = torch.tensor([-1.0, 1.0, 0.0, 0.5])  # A's last token: coordinate 0 at -1
         model.embed.weight[1] = torch.tensor([1.0, 0.0, 2.0, 0.5])  # B's: +1, so the step is at α = 0.5
-    return ToyView(model)
+    return FakeView(model, {"blocks.0.hook_resid_post": model.resid, "ln_final.hook_normalized": model.normalized},
+                    torch.eye(4), context_length=40, activation="gelu")
 
 
 def test_step_function_gives_maximal_sharpness_and_one_jump():
     v = planted(step=True)
-    (a,) = build("regions", v, {"regions": {"write_layers": [0]}})
-    out = measure(v, [a], toy_windows(), batch_size=2)
+    (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0]}})
+    record = measure(v, [a], toy_windows(), step=0, batch_size=2)
+    out = record.values
     assert out["regions/sharpness_median"] == pytest.approx(20.0)  # N − 1 with N = 21
     assert out["regions/jumps_mean"] == 1.0 and out["regions/dropped_pairs"] == 0
-    curve = a.tables()["regions/median_curve"][1]
+    curve = record.tables["regions/median_curve"].rows
     assert [row[1] for row in curve] == [0.0] * 11 + [1.0] * 10  # x0(α) = 2α − 1 > 0 only after α = 0.5
 
 
 def test_linear_model_gives_sharpness_one_and_no_jumps():
     v = planted(step=False)
-    (a,) = build("regions", v, {"regions": {"write_layers": [0], "n_alpha": 11}})
-    out = measure(v, [a], toy_windows(), batch_size=3)
+    (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0], "n_alpha": 11}})
+    record = measure(v, [a], toy_windows(), step=0, batch_size=3)
+    out = record.values
     assert out["regions/sharpness_median"] == pytest.approx(1.0, abs=1e-5)
     assert out["regions/sharpness_p75"] == pytest.approx(1.0, abs=1e-5)
     assert out["regions/jumps_mean"] == 0.0
-    alphas, values = zip(*[(r[0], r[1]) for r in a.tables()["regions/median_curve"][1]], strict=True)
+    alphas, values = zip(*[(r[0], r[1]) for r in record.tables["regions/median_curve"].rows], strict=True)
     assert values == pytest.approx(alphas, abs=1e-6)
 
 
@@ -81,17 +70,17 @@ def test_pairs_that_do_not_move_the_output_are_dropped():
     v = planted(step=True)
     windows = toy_windows()
     windows[:, 29] = windows[:, 39] = 0  # B == A: d(1) = 0
-    (a,) = build("regions", v, {"regions": {"write_layers": [0]}})
-    out = measure(v, [a], windows, batch_size=3)
+    (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0]}})
+    out = measure(v, [a], windows, step=0, batch_size=3).values
     assert out["regions/dropped_pairs"] == 6.0  # 3 windows × 2 pairs
 
 
 def test_random_init_model_has_no_sharp_boundaries():
     torch.manual_seed(0)
-    v = OwnModelView(Transformer(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=300,
-                                             context_length=40)).eval())
-    (a,) = build("regions", v)
-    out = measure(v, [a], torch.randint(0, 300, (16, 40)), batch_size=8)
+    v = TransformerView(Transformer(ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=300,
+                                                context_length=40)).eval())
+    (a,) = build("regions", v.shape)
+    out = measure(v, [a], torch.randint(0, 300, (16, 40)), step=0, batch_size=8).values
     assert a.write_layers == [0, 1]
     # measured 1.10–1.18 over 8 seeds for models of this size; a boundary would give several units more
     for w in (0, 1):

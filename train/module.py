@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from dynascope.train.errors import DynascopeError
+from dynascope.errors import DynascopeError
 from dynascope.train.model import ModelConfig, Transformer
 
 
@@ -40,7 +40,7 @@ class LanguageModel(L.LightningModule):
                 f"{self.arch.vocab_size}; raise model.arch.vocab_size or lower data.vocab_size")
         self.tokens_per_step = dm.tokens_per_step()
         # Read by Lightning's ThroughputMonitor to report MFU (FLOPs of one micro-batch on this rank).
-        self.flops_per_batch = self.model.flops_per_token() * dm.batch_size * self.arch.context_length
+        self.flops_per_batch = self.model.flops_per_token() * dm.config.batch_size * self.arch.context_length
 
     def tokens_seen(self, step: int) -> int:
         return step * self.tokens_per_step

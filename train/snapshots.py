@@ -7,14 +7,13 @@ A snapshot holds the model weights after `step` optimizer updates (step 0 is the
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynascope.train.errors import DynascopeError
+from dynascope.errors import DynascopeError
+from dynascope.io import atomic_path, read_jsonl, write_jsonl
 
 
 def sha256_file(path: Path) -> str:
@@ -25,37 +24,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def snapshot_path(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "snapshots" / f"step_{step:08d}.safetensors"
 
 
+def manifest_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "snapshots" / "manifest.jsonl"
+
+
 def read_manifest(run_dir: str | Path) -> dict[int, dict]:
     """Manifest rows by step (a step written twice, e.g. after a resume, keeps its last row)."""
-    path = Path(run_dir) / "snapshots" / "manifest.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(manifest_path(run_dir), "snapshot manifest")
     return {r["step"]: r for r in rows}
 
 
 def write_snapshot(run_dir: str | Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write weights atomically (temporary file, then rename), then the manifest row, also atomically."""
     path = snapshot_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    rows = read_manifest(run_dir)  # read first: a bad manifest stops us before anything is written
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={"step": str(step)})
-    row = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta}
-    os.replace(tmp, path)
-    rows = read_manifest(run_dir)
-    rows[step] = row
-    atomic_write_text(path.parent / "manifest.jsonl", "".join(json.dumps(rows[s]) + "\n" for s in sorted(rows)))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"step": str(step)})
+        rows[step] = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta}
+    write_jsonl(manifest_path(run_dir), [rows[s] for s in sorted(rows)])
     return path
 
 
@@ -72,9 +63,3 @@ def load_snapshot(run_dir: str | Path, step: int, verify: bool = True) -> dict[s
     except Exception as e:  # safetensors raises several types for bad headers and truncation
         raise DynascopeError(f"snapshot {path} cannot be read ({e}); the file is corrupt") from None
 
-
-def check_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / "snapshots" / "manifest.jsonl").exists():
-        raise DynascopeError(f"{run_dir} is not a dynascope run directory (no snapshots/manifest.jsonl)")
-    return run_dir

@@ -1,0 +1,54 @@
+"""Callbacks that act on the checkpoint schedule, and the one that writes weights-only snapshots.
+
+Snapshots (files and manifest: `dynascope.train.snapshots`) are what analyses read, online and
+offline. The analysis callback (`dynamics.py`) fires on the same steps, so every logged point can be
+recomputed offline from its snapshot.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from dynascope.train.schedule import CheckpointSchedule
+from dynascope.train.snapshots import write_snapshot
+
+
+class OnSchedule(L.Callback):
+    """Acts once at each scheduled step: step 0 before the first update, then after the updates that
+    reach a scheduled step. A resumed run already acted at its current step before the checkpoint."""
+
+    schedule: CheckpointSchedule
+    _last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self._maybe_act(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        self._maybe_act(trainer, pl_module)
+
+    def _maybe_act(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self.schedule.is_due(step, trainer.max_steps):
+            return  # under gradient accumulation on_train_batch_end fires once per micro-batch
+        self._last_step = step
+        self.on_scheduled_step(trainer, pl_module, step)
+
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        raise NotImplementedError
+
+
+class Snapshots(OnSchedule):
+    """Writes a weights-only snapshot at every scheduled step, including step 0 before any update."""
+
+    def __init__(self, log_cap: int = 512, every: int = 1000):
+        self.schedule = CheckpointSchedule(log_cap, every)
+
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        # Collective under FSDP (gathers full weights), so every rank calls it; only rank 0 writes.
+        state = trainer.strategy.lightning_module_state_dict()
+        if trainer.is_global_zero:
+            weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            meta = {"tokens_seen": pl_module.tokens_seen(step), "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                    "config_hash": pl_module.arch.hash()}
+            write_snapshot(trainer.default_root_dir, step, weights, meta)

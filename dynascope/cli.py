@@ -1,0 +1,136 @@
+"""The `dynascope` command.
+
+    dynascope fit --config configs/tiny-relu.yaml [--trainer.max_steps N] [--trainer.default_root_dir DIR]
+    dynascope prepare --config CONFIG
+    dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
+    dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR ... --out OUT_DIR
+    dynascope plot RUN_DIR
+
+Only `fit` imports Lightning; the other commands load what they need when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dynascope.errors import DynascopeError
+
+COMMANDS = {
+    "fit": "pretrain a model, snapshotting and analysing it on a schedule (`dynascope fit --help`: every option)",
+    "prepare": "tokenize a config's corpus once, e.g. before a cluster job",
+    "batch": "print the text a training step saw",
+    "analyze": "replay analyses over a run's snapshots or over Hugging Face checkpoints",
+    "plot": "draw a run's emergence curves",
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return ("usage: dynascope COMMAND [options]\n\nTrack when interpretability phenomena emerge during "
+            "language-model pretraining.\n\ncommands:\n" + "\n".join(lines) + "\n\n`dynascope COMMAND --help` "
+            "describes a command's options.")
+
+
+def _prepare(argv: list[str]) -> None:
+    from dynascope.io import read_yaml
+    from dynascope.train.data import DataConfig, prepare_corpus
+
+    p = argparse.ArgumentParser(prog="dynascope prepare", description=COMMANDS["prepare"])
+    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
+    a = p.parse_args(argv)
+    print(prepare_corpus(DataConfig.from_config(read_yaml(a.config))))
+
+
+def _batch(argv: list[str]) -> None:
+    from dynascope.train.data import batch_text
+
+    p = argparse.ArgumentParser(prog="dynascope batch", description=COMMANDS["batch"])
+    p.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `dynascope fit`)")
+    p.add_argument("--step", type=int, required=True, help="global step (0-based optimizer step)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--micro", type=int, default=0, help="micro-batch index under gradient accumulation")
+    a = p.parse_args(argv)
+    for i, text in enumerate(batch_text(a.run, a.step, a.rank, a.micro)):
+        print(f"--- window {i} ---\n{text}")
+
+
+def _analyze(argv: list[str]) -> None:
+    import torch
+
+    from dynascope.analysis.plots import plot_run
+    from dynascope.analysis.runner import analyze_hf, analyze_run
+    from dynascope.train.data import DataConfig
+    from dynascope.train.loggers import upload_to_wandb
+
+    p = argparse.ArgumentParser(prog="dynascope analyze", description=COMMANDS["analyze"])
+    p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
+    p.add_argument("--hf", nargs="+", metavar="MODEL_DIR", help="local Hugging Face model directories instead")
+    p.add_argument("--out", help="output directory (required with --hf)")
+    p.add_argument("--labels", help="comma-separated labels of the --hf directories, in order (e.g. step1000,...)")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
+    p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
+    p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
+    p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
+    p.add_argument("--options", type=json.loads,
+                   help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
+    p.add_argument("--no-plot", action="store_true", help="skip the plots (draw them later with `dynascope plot`)")
+    p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if a.hf:
+        if not a.out:
+            p.error("--hf needs --out OUT_DIR")
+        data = DataConfig(source="files", paths=a.data) if a.data else None
+        report = analyze_hf(a.hf, a.out, a.labels.split(",") if a.labels else None, a.analyses, data,
+                            batch_size=a.batch_size or 16, device=a.device, options=a.options)
+    elif a.run:
+        steps = [int(s) for s in a.steps.split(",")] if a.steps else None
+        report = analyze_run(a.run, a.analyses, steps, a.batch_size, a.device, a.options)
+    else:
+        p.error("give a run directory or --hf MODEL_DIR ...")
+    print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.records)} checkpoints)")
+    if report.records and not a.no_plot:
+        print(f"overview: {plot_run(a.run or a.out)}")
+    if report.records and a.wandb:
+        print(f"wandb run: {upload_to_wandb(report.out_dir / 'metrics.csv', report.out_dir / 'plots', report.out_dir)}")
+    if report.skipped:
+        print(f"dynascope: {len(report.skipped)} checkpoint(s) skipped: {', '.join(report.skipped)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _plot(argv: list[str]) -> None:
+    from dynascope.analysis.plots import plot_run
+
+    p = argparse.ArgumentParser(prog="dynascope plot", description=COMMANDS["plot"])
+    p.add_argument("run", help="run directory (or --hf output directory of `dynascope analyze`)")
+    a = p.parse_args(argv)
+    print(f"overview: {plot_run(a.run)}")
+
+
+def _fit(argv: list[str]) -> None:
+    from dynascope.train.cli import fit_cli
+
+    fit_cli(None if argv == sys.argv[1:] else argv)  # LightningCLI reads sys.argv itself when run as a command
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    if argv[0] not in COMMANDS:
+        print(f"dynascope: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "plot": _plot}
+    try:
+        handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
+    except DynascopeError as e:
+        print(f"dynascope: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Atomic writes and JSON-lines reads for every file of a run directory.
+
+A file is written to a temporary name beside it and renamed over the target, so a reader (or a
+crash) sees the old file or the new one, never half of either. Every read names the file, and the
+line where there is one, when the content is bad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from dynascope.errors import DynascopeError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renamed over `path` when the block succeeds, removed
+    when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, value: dict) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True))
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DynascopeError(f"{what} {path} is not valid JSON ({e}); restore or delete it") from None
+    if not isinstance(value, dict):
+        raise DynascopeError(f"{what} {path} holds {type(value).__name__}, not a JSON object; restore or delete it")
+    return value
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    """A YAML mapping; a missing file or bad YAML is an error naming the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DynascopeError(f"{what} {path} not found")
+    try:
+        value = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise DynascopeError(f"{what} {path}{line} is not valid YAML; fix it") from None
+    if not isinstance(value, dict):
+        raise DynascopeError(f"{what} {path} is not a YAML mapping of sections (model:, data:, ...)")
+    return value
+
+
+def read_jsonl(path: str | Path, what: str = "file") -> list[dict]:
+    """The JSON object on each non-empty line of `path` ([] if it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise DynascopeError(f"{what} {path} is not text; restore it or delete it") from None
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DynascopeError(f"{what} {path} line {n} is not valid JSON ({e.msg}); "
+                                 "fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise DynascopeError(f"{what} {path} line {n} is not a JSON object; fix or remove that line")
+        rows.append(row)
+    return rows
