@@ -17,6 +17,11 @@ class ResumeCheckpoints(ModelCheckpoint):
     training, and on SIGTERM or SIGUSR1 (under SLURM, Lightning's own SIGUSR1 requeue handler wins)."""
 
     def __init__(self, every_n_steps: int = 1000):
+        """Full checkpoints for resuming.
+
+        Args:
+            every_n_steps: Period of the checkpoints in optimizer steps.
+        """
         super().__init__(filename="step_{step:08d}", auto_insert_metric_name=False, every_n_train_steps=every_n_steps,
                          save_top_k=-1, save_last=True)
         self._signalled = False

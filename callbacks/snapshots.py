@@ -42,6 +42,12 @@ class Snapshots(OnSchedule):
     """Writes a weights-only snapshot at every scheduled step, including step 0 before any update."""
 
     def __init__(self, log_cap: int = 512, every: int = 1000):
+        """Pythia's schedule: steps 0, 1, 2, 4, ..., log_cap, then every `every` steps, and the final step.
+
+        Args:
+            log_cap: Last power-of-two step of the log-spaced part.
+            every: Period in steps after log_cap (0: none).
+        """
         self.schedule = CheckpointSchedule(log_cap, every)
 
     def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:

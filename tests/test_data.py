@@ -107,3 +107,20 @@ def test_hub_source_streams_a_dataset_by_name(tmp_path, corpus_file):
     with pytest.raises(DynascopeError, match="text_column 'body'"):
         prepare_corpus(DataConfig(source="hf", hf_name=str(tmp_path / "ds"), text_column="body",
                                   cache_dir=str(tmp_path / "c2")))
+
+
+def test_every_fit_option_of_ours_is_documented(capsys):
+    """`dynascope fit --help` gives each option of the model, data, snapshot, checkpoint and analysis groups
+    a line of its own documentation, not only its type and default."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    option = r"^  --((?:model|data|snapshots|checkpoints|dynamics)\.[\w.]+)(?: [\w{},]+)?"
+    entries = re.findall(option + r"(.*\n(?:\s{20,}.*\n)*)", text, re.M)  # (name, help text up to the next option)
+    names = {name for name, _ in entries}
+    assert {"model.arch.d_mlp", "model.lr", "data.seed", "snapshots.log_cap", "dynamics.probe_seed",
+            "checkpoints.every_n_steps"} <= names
+    undocumented = [name for name, help_text in entries if " ".join(help_text.split()).startswith("(type:")]
+    assert undocumented == []

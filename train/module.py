@@ -17,7 +17,18 @@ class LanguageModel(L.LightningModule):
     def __init__(self, arch: ModelConfig = ModelConfig(), lr: float = 1e-3, min_lr_ratio: float = 0.1,
                  warmup_steps: int = 100, decay_steps: int | None = None, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), compile: bool = False):
-        """`decay_steps` is the length of the cosine schedule (default: trainer.max_steps)."""
+        """Pretrain a Transformer with AdamW, linear warmup and cosine decay.
+
+        Args:
+            arch: The model's architecture.
+            lr: Peak learning rate, reached at the end of the warmup.
+            min_lr_ratio: The cosine decays to min_lr_ratio × lr.
+            warmup_steps: Optimizer steps of linear warmup from lr / warmup_steps.
+            decay_steps: Length of the cosine schedule in steps (default: trainer.max_steps).
+            weight_decay: Decoupled weight decay of matrices (none on norms, biases and embeddings).
+            betas: AdamW's β1 and β2.
+            compile: Compile the training forward pass with torch.compile.
+        """
         super().__init__()
         self.save_hyperparameters(ignore="arch")
         self.hparams["arch"] = asdict(arch)
