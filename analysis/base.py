@@ -1,10 +1,12 @@
 """The analysis base class, what it returns, what it reads besides the model, and the registry.
 
 An analysis is a `torchmetrics.Metric`. It is built once per run from the model's `ModelShape`, an
-`AnalysisContext` (corpus counts, tokenizer) and its options. At each checkpoint the measurement
-routine (`measure.py`) binds the checkpoint's view and step, feeds probe batches to `update(tokens,
-logits, cache)`, which accumulates into states declared with `add_state(..., dist_reduce_fx=...)`
-(so the same code reduces across data-parallel ranks and runs offline in one process), and calls:
+`AnalysisContext` (corpus counts, tokenizer, end-of-document token) and its options. At each
+checkpoint the measurement routine (`measure.py`) binds the checkpoint's view and step, feeds probe
+batches to `update(tokens, logits, cache, windows)` (`windows`: the batch's global indices in the
+probe set, the same under any sharding), which accumulates into states declared with
+`add_state(..., dist_reduce_fx=...)` (so the same code reduces across data-parallel ranks and runs
+offline in one process), and calls:
 
 - `compute() -> Result`: pure. It reads the states, the bound view and what was carried from the
   previous checkpoint, and returns everything the analysis reports for this checkpoint: values
@@ -12,9 +14,12 @@ logits, cache)`, which accumulates into states declared with `add_state(..., dis
   next checkpoint. Calling it twice gives the same result.
 - `advance(result)`: the one step that changes what is carried (the attributes named in `carry`).
 
-Any analysis can also watch the training forward passes between checkpoints: it lists hook names
-in `training_hook_names()` and accumulates in `observe_training()` into declared states, which are
-reduced over ranks at the checkpoint like every other state.
+An analysis that uses another's result for the same checkpoint names it in `reads`; it is computed
+after it and finds its `Result` in `self.peers`. Any analysis can also watch training between
+checkpoints: it lists hook names in `training_hook_names()` and accumulates the training forward
+passes' activations in `observe_training()`, and each optimizer step's loss and gradient norm in
+`observe_step()`, into declared states, which are reduced over ranks at the checkpoint like every
+other state.
 """
 
 from __future__ import annotations
@@ -55,10 +60,14 @@ class Result:
 @dataclass
 class AnalysisContext:
     """What analyses read besides the model: the training split's per-token counts (for frequency
-    targets) and the tokenizer (to decode tokens in tables). Either may be missing."""
+    targets), the tokenizer (to decode tokens in tables), the token that separates documents, and,
+    offline, the final checkpoint's unembedding (for distances to the end of training). Any may be
+    missing."""
 
     counts: torch.Tensor | None = None
     tokenizer: Tokenizer | None = None
+    eos_id: int | None = None
+    final_output_embeddings: torch.Tensor | None = None
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) if self.tokenizer is not None else str(i) for i in ids]
@@ -88,11 +97,13 @@ class Analysis(Metric):
     name: ClassVar[str]
     headline: ClassVar[str]  # the key drawn in the overview plot
     carry: ClassVar[tuple[str, ...]] = ()  # attributes kept across checkpoints, changed only by advance()
+    reads: ClassVar[tuple[str, ...]] = ()  # analyses whose results of the same checkpoint compute() uses
     curve_tables: ClassVar[tuple[str, ...]] = ()  # tables (x column, then one series per column) to plot per step
     full_state_update = False
 
     view: ModelView  # the checkpoint being measured, bound by `bind`
     step: int
+    peers: dict[str, Result]  # results of the analyses named in `reads`, set before compute()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -110,7 +121,7 @@ class Analysis(Metric):
     def hook_names(self) -> list[str]:
         return []
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         raise NotImplementedError
 
     def compute(self) -> Result:
@@ -129,6 +140,9 @@ class Analysis(Metric):
 
     def observe_training(self, name: str, activation: torch.Tensor) -> None:
         """Accumulate one training forward pass's activation at hook `name` into declared states."""
+
+    def observe_step(self, loss: float, grad_norm: float) -> None:
+        """Accumulate one optimizer step's training loss (this rank's) and gradient norm (before clipping)."""
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The carry and the declared states, reduced over ranks (a collective), for a resume checkpoint.

@@ -32,7 +32,7 @@ class Basic(Analysis):
     def hook_names(self) -> list[str]:
         return [f"blocks.{l}.hook_resid_post" for l in range(self.shape.n_layers)]
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         pred, target = logits[:, :-1].float(), tokens[:, 1:]
         self.loss_sum += F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum").double()
         self.n_predictions += target.numel()

@@ -82,7 +82,7 @@ class Frequency(Analysis):
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         self.prob_sum += logits.float().softmax(-1).flatten(0, 1).sum(0).double()
         self.n_positions += tokens.numel()
         start = min(self.skip_positions, tokens.shape[1] - 1)  # the outliers analysis's positions, thinned

@@ -1,8 +1,9 @@
 """One measurement of one checkpoint: the routine that training and offline replay share.
 
 `measure` binds the checkpoint's view and step to every analysis, runs one no-grad forward pass per
-probe batch with the union of the requested hooks, feeds every analysis from it, then per analysis
-computes (a collective under torch.distributed), advances its carry and resets its states. It
+probe batch with the union of the requested hooks, feeds every analysis from it (with the batch's
+global probe-window indices), then per analysis computes (a collective under torch.distributed;
+analyses that read another's result come after it), advances its carry and resets its states. It
 returns one `Record`, which a `Recorder` (records.py) writes everywhere.
 """
 
@@ -35,21 +36,35 @@ class Record:
 
 
 def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step: int,
-            tokens_seen: float = math.nan, batch_size: int = 16, label: str = "") -> Record:
-    """Measure `analyses` on this rank's `probe` windows at checkpoint `step`."""
+            tokens_seen: float = math.nan, batch_size: int = 16, label: str = "", first_window: int = 0) -> Record:
+    """Measure `analyses` on this rank's `probe` windows (the probe set's windows from `first_window` on)
+    at checkpoint `step`."""
     names = sorted({n for a in analyses for n in a.hook_names()})
     for a in analyses:
         a.bind(view, step)
     with torch.no_grad():
-        for batch in probe.split(batch_size):
-            batch = batch.to(view.device)
+        for start in range(0, len(probe), batch_size):
+            batch = probe[start:start + batch_size].to(view.device)
+            windows = torch.arange(len(batch), device=view.device) + first_window + start
             logits, cache = view.run_with_cache(batch, names)
             for a in analyses:
-                a.update(batch, logits, cache)
+                a.update(batch, logits, cache, windows)
         record = Record(step, tokens_seen, label or str(step))
-        for a in analyses:
-            result = a.compute()
-            a.advance(result)
+        results: dict[str, Result] = {}
+        for a in _in_reading_order(analyses):
+            a.peers = {name: results[name] for name in a.reads if name in results}
+            results[a.name] = a.compute()
+            a.advance(results[a.name])
             a.reset()
-            record.add(result)
+            record.add(results[a.name])
     return record
+
+
+def _in_reading_order(analyses: list[Analysis]) -> list[Analysis]:
+    """Every analysis after the analyses it reads (those that are measured at all)."""
+    names = {a.name for a in analyses}
+    ordered: list[Analysis] = []
+    while len(ordered) < len(analyses):
+        done = {a.name for a in ordered}
+        ordered += [a for a in analyses if a not in ordered and (set(a.reads) & names) <= done]
+    return ordered

@@ -133,7 +133,7 @@ class Outliers(Analysis):
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         start = min(self.skip_positions, tokens.shape[1] - 2)
         self.h.append(cache["ln_final.hook_normalized"][:, start:-1].flatten(0, 1).float())
         self.gold.append(tokens[:, start + 1:].flatten())

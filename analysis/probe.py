@@ -2,7 +2,8 @@
 
 The windows are drawn from the validation split, saved once in the run directory
 (`RUN_DIR/probe.safetensors`) and read back by the offline runner, so online and offline analyses see
-exactly the same tokens. Under data parallelism each rank takes a contiguous, disjoint shard.
+exactly the same tokens. Under data parallelism each rank takes a contiguous, disjoint shard made
+of whole probe batches, so every rank measures the same batches a single process would.
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def load_probe(path: str | Path) -> torch.Tensor:
     return load_file(str(path))["tokens"]
 
 
-def shard(tokens: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's contiguous part of the probe set; the shards of all ranks are disjoint and cover it."""
-    return torch.tensor_split(tokens, world_size)[rank]
+def shard(tokens: torch.Tensor, rank: int, world_size: int, unit: int = 1) -> tuple[torch.Tensor, int]:
+    """This rank's contiguous part of the probe set in whole units of `unit` windows (a probe batch), and
+    the index of its first window; the shards of all ranks are disjoint and cover the set."""
+    starts = torch.tensor_split(torch.arange(0, len(tokens), unit), world_size)[rank]
+    if len(starts) == 0:
+        return tokens[:0], len(tokens)
+    first, last = int(starts[0]), min(int(starts[-1]) + unit, len(tokens))
+    return tokens[first:last], first

@@ -65,7 +65,7 @@ class Regions(Analysis):
         b = [windows[:, half + k * L:half + (k + 1) * L] for k in range(self.pairs_per_window)]
         return torch.cat(a), torch.cat(b)
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         view = self.view
         A, B = self.prompt_pairs(tokens)
         last_mlp = f"blocks.{self.shape.n_layers - 1}.mlp.hook_pre"

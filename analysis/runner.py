@@ -29,7 +29,7 @@ from dynascope.analysis.records import CsvTable, Recorder
 from dynascope.analysis.view import HFModelView, ModelView, TransformerView
 from dynascope.errors import DynascopeError
 from dynascope.io import read_yaml
-from dynascope.train.data import Corpus, DataConfig, prepare_corpus
+from dynascope.train.data import EOS, Corpus, DataConfig, prepare_corpus
 from dynascope.train.model import ModelConfig
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
@@ -85,7 +85,8 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         counts = np.load(run_dir / "counts.npy")
     else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
         counts = Corpus(prepare_corpus(DataConfig.from_config(config))).counts()
-    context = AnalysisContext(torch.from_numpy(counts), tokenizer)
+    eos = (config.get("data") or {}).get("eos_token") or EOS
+    context = AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
 
     def load_view(label: str) -> ModelView:
         step = int(label)
@@ -137,7 +138,7 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
     save_probe(out_dir / PROBE_FILE, probe)
     by_label = dict(pairs)
-    context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer())
+    context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer(), corpus.meta["eos_id"])
 
     def load_view(label: str) -> ModelView:
         return HFModelView.from_dir(by_label[label])

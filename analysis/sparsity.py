@@ -72,7 +72,7 @@ class Sparsity(Analysis):
     def training_hook_names(self) -> list[str]:
         return self.hook_names() if self.train_batches else []
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         z = torch.stack([cache[n] for n in self.hook_names()], dim=2).float()  # [B, T, L, F]
         on = z > 0
         self.density.append(on.float().mean(-1).flatten(0, 1))

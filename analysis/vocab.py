@@ -67,7 +67,7 @@ class Vocab(Analysis):
         L = self.shape.n_layers
         return [f"blocks.{l}.hook_resid_post" for l in range(L)] + [f"blocks.{l}.mlp.hook_post" for l in range(L)]
 
-    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache) -> None:
+    def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         view = self.view
         pos = torch.arange(self.position_stride - 1, tokens.shape[1], self.position_stride, device=tokens.device)
         L, E = self.shape.n_layers, view.output_embeddings.float()

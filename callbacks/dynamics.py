@@ -4,7 +4,8 @@ It knows nothing about any phenomenon. At each step of the checkpoint schedule (
 before the first update) it switches to eval mode, measures the checkpoint on every rank's shard
 of the probe set (`measure`, a collective), restores train mode, and on rank 0 hands the record to
 the run's `Recorder`, which writes it to every logger (metrics.jsonl, wandb), summary.json and
-tables/. Analyses that watch training batches get forward hooks on the training passes.
+tables/. Analyses that watch training get forward hooks on the training passes and each optimizer
+step's loss and gradient norm.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class DynamicsCallback(OnSchedule):
                                  self.probe_seed)
             if trainer.is_global_zero:
                 save_probe(run_dir / PROBE_FILE, probe)
-        self.probe = shard(probe, trainer.global_rank, trainer.world_size)
-        context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer())
+        self.probe, self.first_window = shard(probe, trainer.global_rank, trainer.world_size, self.batch_size)
+        context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer(), corpus.meta["eos_id"])
         if trainer.is_global_zero:  # the offline runner reads the same tokenizer and corpus counts
             context.tokenizer.save(str(run_dir / "tokenizer.json"))
             np.save(run_dir / "counts.npy", context.counts.numpy())
@@ -95,18 +96,27 @@ class DynamicsCallback(OnSchedule):
             self.view.add_hook(name, lambda act, a=a, name=name: a.observe_training(name, act)
                                if torch.is_grad_enabled() else None)
             for a in self.analyses for name in a.training_hook_names()]
+        self._stepped = trainer.global_step
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._train_hooks:
             handle.remove()
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        if trainer.global_step != self._stepped:  # once per optimizer step, not per micro-batch
+            self._stepped = trainer.global_step
+            metrics = trainer.callback_metrics
+            for a in self.analyses:
+                a.observe_step(float(metrics["train/loss"]), float(metrics["train/grad_norm"]))
+        super().on_train_batch_end(trainer, pl_module, *args)
+
     def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
-        record = measure(self.view, self.analyses, self.probe.to(pl_module.device), step,
-                         float(pl_module.tokens_seen(step)), self.batch_size)
+        record = measure(self.view, self.analyses, self.probe, step, float(pl_module.tokens_seen(step)),
+                         self.batch_size, first_window=self.first_window)
         pl_module.train(was_training)
         record.values["dynamics/seconds"] = time.perf_counter() - start
         if trainer.is_global_zero:

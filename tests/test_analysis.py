@@ -47,7 +47,10 @@ def test_probe_is_seeded_and_shards_cover_it():
     assert torch.equal(p, sample_probe(val, 9, 20, seed=3)) and not torch.equal(p, sample_probe(val, 9, 20, seed=4))
     assert all(torch.equal(row, torch.arange(row[0], row[0] + 20)) for row in p)  # contiguous windows
     parts = [shard(p, r, 2) for r in range(2)]
-    assert torch.equal(torch.cat(parts), p) and len(parts[0]) == 5
+    assert torch.equal(torch.cat([t for t, _ in parts]), p) and len(parts[0][0]) == 5 and parts[1][1] == 5
+    batches = [shard(p, r, 3, unit=2) for r in range(3)]  # 5 batches of at most 2 windows over 3 ranks
+    assert [(len(t), first) for t, first in batches] == [(4, 0), (4, 4), (1, 8)]
+    assert len(shard(p, 5, 6, unit=4)[0]) == 0  # more ranks than batches
     with pytest.raises(DynascopeError, match="fewer than one probe window"):
         sample_probe(val[:10], 2, 20)
 

@@ -63,7 +63,7 @@ def test_compute_is_pure(name):
     v = view(1)
     a.bind(v, 1)
     logits, cache = v.run_with_cache(probe(), a.hook_names())
-    a.update(probe(), logits, cache)
+    a.update(probe(), logits, cache, torch.arange(len(probe())))
     first, second = a.compute(), a.compute()
     assert first.values and same(first, second)
     assert same(carried, {k: getattr(a, k) for k in a.carry})  # only advance() changes the carry
@@ -72,7 +72,9 @@ def test_compute_is_pure(name):
 def _two_ranks(rank: int, path: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     analyses = [analysis(name) for name in NAMES]
-    results[rank] = [measure(view(step), analyses, shard(probe(), rank, 2), step=step).values for step in (0, 1)]
+    windows, first = shard(probe(), rank, 2, unit=2)
+    results[rank] = [measure(view(step), analyses, windows, step, batch_size=2, first_window=first).values
+                     for step in (0, 1)]
     dist.destroy_process_group()
 
 
@@ -86,7 +88,7 @@ def two_ranks(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", NAMES)
 def test_two_processes_give_the_one_process_values(name, two_ranks):
     a = analysis(name)
-    single = [measure(view(step), [a], probe(), step=step).values for step in (0, 1)]
+    single = [measure(view(step), [a], probe(), step, batch_size=2).values for step in (0, 1)]
     for rank in (0, 1):
         for step in (0, 1):
             mine = {k: v for k, v in two_ranks[rank][step].items() if k.startswith(name + "/")}

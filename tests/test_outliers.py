@@ -104,7 +104,8 @@ def test_ablation_matches_direct_computation():
 def _rank_main(rank: int, path: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     v = planted_view(offsets={7: 6.0, 40: -8.0})
-    results[rank] = measure(v, build("outliers", v.shape), shard(windows(), rank, 2), step=0).values
+    mine, first = shard(windows(), rank, 2)
+    results[rank] = measure(v, build("outliers", v.shape), mine, step=0, first_window=first).values
     dist.destroy_process_group()
 
 

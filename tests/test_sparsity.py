@@ -75,7 +75,8 @@ def _rank_main(rank: int, path: str, results: dict) -> None:
     (a,) = build("sparsity", v.shape, options={"sparsity": {"train_batches": True}})
     training = [[7, 7]] if rank == 0 else [[8, 8]]  # each rank's training batch fires one unit
     a.observe_training("blocks.0.mlp.hook_pre", 2 * nn.functional.one_hot(torch.tensor(training), 12).float() - 1)
-    results[rank] = measure(v, [a], shard(tokens, rank, 2), step=1).values
+    mine, first = shard(tokens, rank, 2)
+    results[rank] = measure(v, [a], mine, step=1, first_window=first).values
     dist.destroy_process_group()
 
 

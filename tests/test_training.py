@@ -158,7 +158,7 @@ def test_one_off_events_reach_the_wandb_summary_and_summary_json(tmp_path, corpu
         name = "event"
         headline = "event/value"
 
-        def update(self, tokens, logits, cache):
+        def update(self, tokens, logits, cache, windows):
             pass
 
         def compute(self):
