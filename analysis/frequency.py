@@ -1,35 +1,48 @@
 """`frequency`: how linearly the unembedding encodes token frequency, and when that encoding settles.
 
 Cho et al. 2025, "Understanding Token Probability Encoding in Output Embeddings": −log of a token's
-probability is close to a shared linear function of its output embedding, −log α_w ≈ A·E[w] + B
-(E the unembedding [V, d], row w the output embedding of token w).
-Fitted here by ridge-stabilised least squares in float64 (λ = 1e-3, centred), on 80% of the tokens
-(seeded split) and scored on the held-out 20%:
+probability is close to a shared linear function of its output embedding, −log p_w ≈ A·E[w] + B
+(E the unembedding [V, d], row w the output embedding of token w). The tokens used are those of the
+tokenizer's vocabulary seen at least `min_count` (default 10) times in the run's training split
+(`counts.npy`): padded rows and rare tokens are left out. Fits are ridge-stabilised least squares in
+float64 (λ = 1e-3, centred) on 80% of these tokens (seeded split), scored on the held-out 20%.
 
-- `frequency/r2_corpus`, `frequency/spearman_corpus`: target −log(corpus frequency) from the run's
-  training-split counts (`counts.npy`), tokens with count ≥ `min_count` (default 10); padded rows
-  (beyond the tokenizer) and rarely seen tokens are excluded.
-- `frequency/r2_output`: target −log of the mean output probability over the probe positions.
-- With an LM-head bias b, the target becomes y + b (the bias carries frequency itself; spec pitfall 3).
-- Sparsity of the fitted direction A (from the corpus fit): `frequency/effective_dims` = (Σ|A|)²/ΣA²,
-  and `frequency/deletable_frac_0.01` / `_0.1`: the largest fraction ρ (steps of 1/20) of dimensions,
-  smallest |A_d| first, whose zero-ablation in the final-norm output keeps the mean KL on the probe
-  positions below 0.01 / 0.1 nats.
+- `frequency/r2_corpus`, `frequency/spearman_corpus`: the held-out fit of −log(corpus frequency)
+  from E[w]. With an LM-head bias b the target becomes y + b (the bias carries frequency itself;
+  spec pitfall 3). Near 0 at random init; high once the encoding is learned.
+- `frequency/r2_output`: the held-out R² of −log α_w (α the model's mean output probability over the
+  probe positions) fitted linearly on −log(corpus frequency): how closely the model's average
+  prediction follows corpus frequency. Near 0 at random init (α is almost uniform), near 1 once the
+  model has learned the unigram distribution. Departure: paper B's own fit of −log α from E[w] is
+  not logged. It is close to exact whenever the final hidden states h are concentrated, whatever the
+  weights learned (α_w ≈ exp(E[w]·h̄)/Z): it reads 0.999 at random init, so it cannot show learning.
+- Sparsity of the fitted direction A (from the corpus fit): `frequency/effective_dims` = (Σ|A|)²/ΣA².
+  The deletion curve: zero-ablating the fraction ρ of dimensions of the final-norm output with the
+  smallest |A_d| (paper B's order), and the same fraction in a seeded random order (control), gives
+  a mean KL(full ‖ deleted) on the probe positions: the table `frequency/deletion_curve` (ρ = 0.1 …
+  0.9), the keys `frequency/deletion_kl_0.3` and `frequency/deletion_kl_random_0.3`, and
+  `frequency/deletable_frac_0.01` / `_0.1`: the largest ρ (steps of 1/20) in |A| order whose KL stays
+  below 0.01 / 0.1 nats. On ~100M-parameter models the thresholded fractions read 0.0 (deleting 5%
+  already costs ~0.1 nats there); the curve shows how fast KL grows and whether |A| order beats chance.
 - Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) (theory: A ≈ −h̄), and
-  `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs, else 1% of
-  d) that are outlier dimensions by the rule of `outliers.py`. h is the final-norm output at every
-  `position_stride`-th probe position after the first `skip_positions` (16), the positions the
-  outliers analysis uses, so early-position massive activations do not set the threshold.
+  `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs) that are
+  outlier dimensions, taken from the outliers analysis of the same checkpoint (absent without ODs, or
+  when that analysis is not measured). h is the final-norm output at every `position_stride`-th deep
+  position (the outliers analysis's positions: more than `skip_positions` tokens of their own document).
 - Convergence: `frequency/direction_cos_prev` (cosine of A with the previous checkpoint's A) beside
-  `frequency/wu_rel_change` = ‖E_t − E_prev‖ / ‖E_t‖, so the curves show whether the encoding settles
-  before the weights do. `frequency/converged_step` in the summary: the first checkpoint with
-  r2_corpus ≥ `r2_fraction` (0.9) × its running maximum and direction_cos_prev ≥ `cos_threshold` (0.95).
-  Departure: r2_corpus must also reach `min_r2` (0.5); without it the rule fires in the first steps,
-  where the weights (so A) barely move and the running maximum of a near-zero R² is itself near zero.
+  `frequency/wu_rel_change` = ‖E_t − E_prev‖ / ‖E_t‖. `frequency/converged_step` in the summary is a
+  stability onset, as `outliers/emergence_step`: the first checkpoint from which, at every later one,
+  r2_corpus ≥ `min_r2` (0.5), |r2_corpus − its previous value| ≤ `r2_tolerance` (0.02) and
+  direction_cos_prev ≥ `cos_threshold` (0.95); revised (None) when a later checkpoint breaks it.
+  Offline, with the final checkpoint known: `frequency/dist_to_final` = ‖E_t − E_final‖ / ‖E_final‖,
+  the paper's view ("the encoding settles before the weights do") beside r2_corpus.
+- Tables for the report: `frequency/pca` (the first two principal components of up to 500 of the
+  fitted tokens' output embeddings, with each token's corpus-frequency rank as a fraction, 0 the most
+  frequent) and `frequency/fit` (up to 500 held-out tokens: actual and predicted −log frequency).
 
 Tied embeddings: E is then also the input embedding, so the frequency code is pushed from both
-ends and lives in the inputs too; the fit is the same, on the shared matrix. The target α of paper B
-is our `r2_output`; which inputs paper B averaged over was not retrievable (spec §7).
+ends and lives in the inputs too; the fit is the same, on the shared matrix. Which inputs paper B
+averaged α over was not retrievable (spec §7); its KL threshold for "deletable" was not either.
 """
 
 from __future__ import annotations
@@ -37,14 +50,18 @@ from __future__ import annotations
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result
-from dynascope.analysis.outliers import ablation_metrics, outlier_dims, spearman
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, onset, onset_summary
+from dynascope.analysis.outliers import ablation_metrics, deep_positions, spearman
 from dynascope.analysis.view import Cache, ModelShape
+
+FRACTIONS = [i / 20 for i in range(1, 20)]  # deletion fractions in |A| order
+CURVE = [i / 10 for i in range(1, 10)]  # the logged deletion curve (and its random-order control)
+TABLE_TOKENS = 500
 
 
 def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float = 1e-3, holdout: float = 0.2,
-              seed: int = 0) -> tuple[torch.Tensor, float, float, float]:
-    """(A, B, held-out R², held-out Spearman) of y ≈ X·A + B, in float64."""
+              seed: int = 0) -> tuple[torch.Tensor, float, float, float, torch.Tensor, torch.Tensor]:
+    """(A, B, held-out R², held-out Spearman, held-out indices, their predictions) of y ≈ X·A + B, in float64."""
     X, y = X.double(), y.double()
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(X.device)
     n_test = max(1, int(holdout * len(y)))
@@ -56,28 +73,29 @@ def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float = 1e-3, holdout: floa
     B = (my - mx @ A).item()
     pred = X[test] @ A + B
     r2 = 1 - ((y[test] - pred) ** 2).sum() / ((y[test] - y[test].mean()) ** 2).sum()
-    return A, B, r2.item(), spearman(pred, y[test])
+    return A, B, r2.item(), spearman(pred, y[test]), test, pred
 
 
 class Frequency(Analysis):
     name = "frequency"
     headline = "frequency/r2_corpus"
-    carry = ("prev_A", "prev_W", "best_r2", "converged_step")
+    carry = ("prev_A", "prev_W", "prev_r2", "convergence")
+    reads = ("outliers",)
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, min_count: int = 10, position_stride: int = 4,
-                 skip_positions: int = 16, r2_fraction: float = 0.9, cos_threshold: float = 0.95, min_r2: float = 0.5,
-                 seed: int = 0):
+                 skip_positions: int = 16, min_r2: float = 0.5, r2_tolerance: float = 0.02,
+                 cos_threshold: float = 0.95, seed: int = 0):
         super().__init__(shape, context)
-        self.min_count, self.position_stride, self.seed = min_count, position_stride, seed
-        self.skip_positions = skip_positions
-        self.r2_fraction, self.cos_threshold, self.min_r2 = r2_fraction, cos_threshold, min_r2
+        self.min_count, self.position_stride, self.skip_positions, self.seed = (min_count, position_stride,
+                                                                                 skip_positions, seed)
+        self.min_r2, self.r2_tolerance, self.cos_threshold = min_r2, r2_tolerance, cos_threshold
         self.add_state("prob_sum", torch.zeros(shape.vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.prev_A: torch.Tensor | None = None
         self.prev_W: torch.Tensor | None = None
-        self.best_r2 = float("-inf")
-        self.converged_step: int | None = None
+        self.prev_r2: float | None = None
+        self.convergence: list = []  # onset revisions of the stability rule
 
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
@@ -85,61 +103,85 @@ class Frequency(Analysis):
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         self.prob_sum += logits.float().softmax(-1).flatten(0, 1).sum(0).double()
         self.n_positions += tokens.numel()
-        start = min(self.skip_positions, tokens.shape[1] - 1)  # the outliers analysis's positions, thinned
-        self.h.append(cache["ln_final.hook_normalized"][:, start::self.position_stride].flatten(0, 1).float())
+        keep = deep_positions(tokens, self.skip_positions, self.context.eos_id, need_next=False,
+                              stride=self.position_stride)  # the outliers analysis's positions, thinned
+        self.h.append(cache["ln_final.hook_normalized"][keep].float())
 
     def compute(self) -> Result:
         W = self.view.output_embeddings.detach().double()
-        b = self.view.output_bias
-        b = None if b is None else b.detach().double()
-        h = dim_zero_cat(self.h)
         out: dict[str, float] = {}
+        tables: dict[str, Table] = {}
         carry: dict = {"prev_W": W.float().detach().clone()}
-        y_out = -(self.prob_sum / self.n_positions).clamp_min(1e-30).log()
-        _, _, out["frequency/r2_output"], _ = ridge_fit(W, y_out + (0 if b is None else b), seed=self.seed)
-        counts = self.context.counts
-        if counts is not None:
-            counts = counts.to(device=W.device, dtype=torch.float64)
-            keep = torch.zeros(len(W), dtype=torch.bool, device=W.device)
-            keep[:len(counts)] = counts[:len(W)] >= self.min_count
-            y = -(counts[:len(W)] / counts.sum()).log()
-            y = torch.cat([y, torch.zeros(len(W) - len(y), dtype=y.dtype, device=y.device)])
-            y = y + (0 if b is None else b)
-            A, _, r2, rho = ridge_fit(W[keep], y[keep], seed=self.seed)
-            A32 = A.float()
-            out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A32, h)
-            carry |= {"prev_A": A32.detach().clone()} | self._convergence(r2, out.get("frequency/direction_cos_prev"))
         if self.prev_W is not None:
-            W32 = W.float()
-            out["frequency/wu_rel_change"] = ((W32 - self.prev_W.to(W32.device)).norm() / W32.norm()).item()
-        step = carry.get("converged_step", self.converged_step)
-        return Result(out, summary={} if step is None else {"frequency/converged_step": float(step)}, carry=carry)
+            out["frequency/wu_rel_change"] = ((W.float() - self.prev_W.to(W.device)).norm() / W.float().norm()).item()
+        final = self.context.final_output_embeddings
+        if final is not None:
+            final = final.to(W.device, torch.float64)
+            out["frequency/dist_to_final"] = ((W - final).norm() / final.norm()).item()
+        counts = self.context.counts
+        if counts is None:
+            return Result(out, carry=carry)
+        counts = counts.to(device=W.device, dtype=torch.float64)[:len(W)]
+        tokens = torch.nonzero(counts >= self.min_count).flatten()  # padded rows lie beyond the counts
+        y = -(counts[tokens] / counts.sum()).log()
+        bias = self.view.output_bias
+        target = y if bias is None else y + bias.detach().double()[tokens]
+        A, _, r2, rho, test, pred = ridge_fit(W[tokens], target, seed=self.seed)
+        A32 = A.float()
+        y_out = -(self.prob_sum[tokens] / self.n_positions).clamp_min(1e-30).log()
+        _, _, out["frequency/r2_output"], _, _, _ = ridge_fit(y[:, None], y_out, seed=self.seed)
+        out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A32)
+        tables["frequency/deletion_curve"], deletion = self._deletion(A32)
+        out |= deletion
+        tables |= self._figures(W[tokens], y, test, pred, target[test])
+        cos = out.get("frequency/direction_cos_prev")
+        stable = (cos is not None and self.prev_r2 is not None and r2 >= self.min_r2
+                  and abs(r2 - self.prev_r2) <= self.r2_tolerance and cos >= self.cos_threshold)
+        convergence = onset(self.convergence, stable, self.step)
+        carry |= {"prev_A": A32.detach().clone(), "prev_r2": r2, "convergence": convergence}
+        return Result(out, tables, onset_summary("frequency/converged_step", convergence), carry)
 
-    def _direction(self, A32: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
-        out = {"frequency/effective_dims": (A32.abs().sum() ** 2 / A32.pow(2).sum()).item(),
-               "frequency/cos_A_mean_h": torch.cosine_similarity(A32, -h.mean(0), dim=0).item()}
-        ods, _, _ = outlier_dims(h)
-        d = len(A32)
-        k = len(ods) or max(1, d // 100)
-        top = set(A32.abs().topk(k).indices.tolist())
-        out["frequency/od_overlap"] = len(top & set(ods.tolist())) / k
-        out |= self._deletable(A32, h)
+    def _direction(self, A: torch.Tensor) -> dict[str, float]:
+        h = dim_zero_cat(self.h)
+        out = {"frequency/effective_dims": (A.abs().sum() ** 2 / A.pow(2).sum()).item(),
+               "frequency/cos_A_mean_h": torch.cosine_similarity(A, -h.mean(0), dim=0).item()}
+        if "outliers" in self.peers:
+            ods = {dim for _, dim in self.peers["outliers"].tables["outliers/dims"].rows}
+            if ods:
+                top = set(A.abs().topk(len(ods)).indices.tolist())
+                out["frequency/od_overlap"] = len(top & ods) / len(ods)
         if self.prev_A is not None:
-            out["frequency/direction_cos_prev"] = torch.cosine_similarity(A32, self.prev_A.to(A32.device), dim=0).item()
+            out["frequency/direction_cos_prev"] = torch.cosine_similarity(A, self.prev_A.to(A.device), dim=0).item()
         return out
 
-    def _convergence(self, r2: float, cos: float | None) -> dict:
-        best = max(self.best_r2, r2)
-        step = self.converged_step
-        if (step is None and cos is not None and r2 >= max(self.min_r2, self.r2_fraction * best)
-                and cos >= self.cos_threshold):
-            step = self.step
-        return {"best_r2": best, "converged_step": step}
+    def _deletion(self, A: torch.Tensor) -> tuple[Table, dict[str, float]]:
+        h = dim_zero_cat(self.h)
+        d = len(A)
+        by_A = A.abs().argsort()  # least important first
+        shuffled = torch.randperm(d, generator=torch.Generator().manual_seed(self.seed)).to(A.device)
+        sets = [by_A[:int(f * d)] for f in FRACTIONS] + [shuffled[:int(f * d)] for f in CURVE]
+        kls = [m["kl"] for m in ablation_metrics(self.view, h, None, sets)]
+        kl_by_A = dict(zip(FRACTIONS, kls[:len(FRACTIONS)], strict=True))
+        kl_random = dict(zip(CURVE, kls[len(FRACTIONS):], strict=True))
+        out = {f"frequency/deletable_frac_{tau}": max([f for f, kl in kl_by_A.items() if kl < tau], default=0.0)
+               for tau in (0.01, 0.1)}
+        out |= {"frequency/deletion_kl_0.3": kl_by_A[0.3], "frequency/deletion_kl_random_0.3": kl_random[0.3]}
+        curve = Table(["rho", "KL, smallest |A| first", "KL, random order"],
+                      [[f, kl_by_A[f], kl_random[f]] for f in CURVE])
+        return curve, out
 
-    def _deletable(self, A: torch.Tensor, h: torch.Tensor) -> dict[str, float]:
-        order = A.abs().argsort()  # least important first
-        fractions = [i / 20 for i in range(1, 20)]
-        drops = [order[: int(f * len(A))] for f in fractions]
-        kls = [m["kl"] for m in ablation_metrics(self.view, h, None, drops)]
-        return {f"frequency/deletable_frac_{tau}": max([f for f, kl in zip(fractions, kls, strict=True) if kl < tau],
-                                                        default=0.0) for tau in (0.01, 0.1)}
+    def _figures(self, X: torch.Tensor, y: torch.Tensor, test: torch.Tensor, pred: torch.Tensor,
+                 actual: torch.Tensor) -> dict[str, Table]:
+        """The unembedding's first two principal components coloured by frequency rank, and predicted vs
+        actual −log frequency, on fixed subsamples of the tokens."""
+        g = torch.Generator().manual_seed(self.seed)
+        Xc = X - X.mean(0)
+        _, vectors = torch.linalg.eigh(Xc.T @ Xc)
+        pcs = Xc @ vectors[:, -2:].flip(1)  # [n, 2], largest component first
+        rank = y.argsort().argsort().double() / max(1, len(y) - 1)  # 0 = the most frequent token
+        some = torch.randperm(len(y), generator=g)[:TABLE_TOKENS].to(X.device)
+        held = torch.randperm(len(test), generator=g)[:TABLE_TOKENS].to(X.device)
+        return {"frequency/pca": Table(["pc1", "pc2", "frequency rank"],
+                                       torch.stack([pcs[some, 0], pcs[some, 1], rank[some]], 1).tolist()),
+                "frequency/fit": Table(["actual -log f", "predicted -log f"],
+                                       torch.stack([actual[held], pred[held]], 1).tolist())}

@@ -64,7 +64,7 @@ def _in_reading_order(analyses: list[Analysis]) -> list[Analysis]:
     """Every analysis after the analyses it reads (those that are measured at all)."""
     names = {a.name for a in analyses}
     ordered: list[Analysis] = []
-    while len(ordered) < len(analyses):
+    while len(ordered) < len(analyses):  # by name: a Metric's == builds a new metric
         done = {a.name for a in ordered}
-        ordered += [a for a in analyses if a not in ordered and (set(a.reads) & names) <= done]
+        ordered += [a for a in analyses if a.name not in done and (set(a.reads) & names) <= done]
     return ordered

@@ -2,9 +2,11 @@
 
 Macocco et al. 2025, "Outlier dimensions favor frequent tokens in language models" (definitions of
 the authors' code, `imacocco/llms_outlier_dimensions`). The vector is the last-layer state after the
-final norm (`ln_final.hook_normalized`, the input of the unembedding) at every probe position except
-the first `skip_positions` (default 16: massive activations there inflate the threshold) and the
-last (it has no next token). With H the gathered [N, d] vectors:
+final norm (`ln_final.hook_normalized`, the input of the unembedding) at every *deep* probe position:
+one with more than `skip_positions` (default 16) tokens of its own document before it in the window,
+so neither a window's first positions nor the positions just after an end-of-document token inside
+a window (massive activations there inflate the threshold), and not a window's last position (it has
+no next token). With H the gathered [N, d] vectors:
 
     T   = 99th percentile of |H| over all N·d entries (exact, by top-k)
     m_d = median over positions of |H[:, d]|
@@ -13,18 +15,27 @@ last (it has no next token). With H the gathered [N, d] vectors:
 Keys: `outliers/count`, `outliers/score_max` (max m_d / T: > 1 iff there is an OD), `outliers/robust_z_max`
 (max of (m_d − median m) / (1.4826·MAD m): the count is capped at 2% of d and ODs raise T themselves,
 so this robust score still ranks planted dimensions first where the rule's count masks them),
-`outliers/jaccard_prev` (OD sets of this and the previous checkpoint), the table `outliers/dims`.
+`outliers/threshold` (T), `outliers/jaccard_prev` (OD sets of this and the previous checkpoint), the
+tables `outliers/dims` (the ODs) and `outliers/medians` (the 32 largest m_d / T with their dimension).
 
-Ablation on the probe positions (zero-ablation after the final norm, no renormalisation, fp32):
-for S = the ODs and for 5 random equal-size sets of non-OD dimensions (fixed seed), the logits
-z − H[:, S]·E[:, S]ᵀ (E the unembedding [V, d]) against the full logits z: `outliers/ablate_kl` and `outliers/random_kl`
-(mean KL(full ‖ ablated)), `outliers/ablate_acc_drop` and `outliers/random_acc_drop` (next-token
-accuracy, full minus ablated), `outliers/ablate_entropy` and `outliers/full_entropy`,
-`outliers/ablate_n_distinct` and `outliers/full_n_distinct` (distinct top-1 tokens), the frequency
-heuristic for the full and the OD-ablated head: `..._spearman` and `..._loglog_slope` (how often a token
-is predicted against its corpus frequency, over predicted tokens seen in the corpus), and
-`outliers/ablate_mean_logfreq_drop` (mean log corpus frequency of the top-1 token, full minus ablated:
-positive when the ODs favour frequent tokens). Without ODs the ablation keys are absent.
+The head's predictions (fp32, zero-ablation after the final norm, no renormalisation): for a set S
+of removed dimensions the logits are z − H[:, S]·E[:, S]ᵀ (E the unembedding [V, d], z the full
+logits). Conditions: `full` (nothing removed; logged at every checkpoint, a baseline before ODs
+emerge), `ablate` (S = the ODs), `only_od` (S = every other dimension: the ODs alone) and `random`
+(5 random non-OD sets of the ODs' size, fixed seed, averaged). Per condition:
+
+- `_kl` (mean KL(full ‖ condition)), `_entropy`, `_n_distinct` (distinct top-1 tokens),
+  `acc_drop` (next-token accuracy, full minus condition: `ablate_acc_drop`, `random_acc_drop`);
+- the frequency heuristic, over the tokens predicted at least once and seen in the corpus:
+  `_slope` (the authors' `lin_coeff`: OLS slope of the prediction frequency on the corpus frequency,
+  raw, unlogged; dominated by the most frequent tokens), `_loglog_slope` (the same on logs),
+  `_spearman` (ties get their average rank), `_mean_logfreq` (mean log corpus frequency of the top-1
+  token) and `_top10_share` (share of top-1 predictions among the corpus's 10 most frequent tokens:
+  near 1 when predictions collapse onto them, as the paper reports for the ODs alone);
+- `outliers/ablate_mean_logfreq_drop`: full minus ablated `_mean_logfreq` (positive when the ODs
+  favour frequent tokens).
+
+The frequency keys need the corpus counts; the ablation conditions need ODs.
 
 Parameter diagnostics: `outliers/gain_z_mean` (z-score of the final-norm gain γ at the ODs),
 `outliers/svd_spike_overlap` (ODs among the 3σ spikes of the top 4 left singular vectors of the last
@@ -35,8 +46,10 @@ held at every later checkpoint so far; it is revised (and the revision printed) 
 checkpoint has none.
 
 Departures: the paper uses one position per passage (the 100th word) and scores whole words; we use
-next tokens at many positions, so accuracies are not comparable with the paper's (spec pitfall 13).
-The robust z-score is ours (the paper's z-score definition was not retrievable).
+next tokens at many deep positions, so accuracies are not comparable with the paper's (spec pitfall
+13). The robust z-score and `_top10_share` are ours (the paper's z-score definition was not
+retrievable; its "collapse onto frequent tokens" is read off plots). Random sets are drawn from the
+non-OD dimensions without also excluding the unembedding's own outlier dimensions.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, on
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
 N_RANDOM = 5
+N_MEDIANS = 32  # sorted medians kept in the `outliers/medians` table
 
 
 def outlier_dims(h: torch.Tensor, q: float = 0.99) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,19 +77,43 @@ def outlier_dims(h: torch.Tensor, q: float = 0.99) -> tuple[torch.Tensor, torch.
     return ods[med[ods].argsort(descending=True)], med, T
 
 
+def deep_positions(tokens: torch.Tensor, skip: int, eos_id: int | None, need_next: bool = True,
+                   stride: int = 1) -> torch.Tensor:
+    """[B, T] mask of the positions with more than `skip` tokens of their own document before them in
+    the window (an end-of-document token closes its document: it and the `skip` positions after it are
+    left out), and, with `need_next`, not the last position; with `stride`, only every stride-th
+    position from `skip` on. In windows shorter than `skip`, the last eligible position counts as deep."""
+    T = tokens.shape[1]
+    skip = min(skip, T - 1 - int(need_next))
+    pos = torch.arange(T, device=tokens.device).expand_as(tokens)
+    boundary = tokens == eos_id if eos_id is not None else torch.zeros_like(tokens, dtype=torch.bool)
+    last_eos = torch.where(boundary, pos, -1).cummax(dim=1).values  # the latest end-of-document at or before p
+    context = torch.where(last_eos >= 0, pos - last_eos, pos + 1)  # tokens of p's document up to p
+    keep = (context > skip) & ((pos - skip) % stride == 0)
+    if need_next:
+        keep[:, -1] = False
+    return keep
+
+
 def robust_z(x: torch.Tensor) -> torch.Tensor:
     mad = (x - x.median()).abs().median()
     return (x - x.median()) / (1.4826 * mad).clamp_min(1e-12)
 
 
-def rank(x: torch.Tensor) -> torch.Tensor:
-    return x.argsort().argsort().double()
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks with ties given their average rank (as scipy.stats.rankdata)."""
+    values, order = x.sort()
+    _, group, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = torch.empty(len(x), dtype=torch.float64, device=x.device)
+    ranks[order] = (ends - (counts.double() - 1) / 2)[group]
+    return ranks
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     if len(x) < 3:
         return float("nan")
-    return torch.corrcoef(torch.stack([rank(x), rank(y)]))[0, 1].item()
+    return torch.corrcoef(torch.stack([average_ranks(x), average_ranks(y)]))[0, 1].item()
 
 
 def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None, removed: list[torch.Tensor],
@@ -108,12 +146,15 @@ def _prediction_stats(sums: dict[str, float], top1: torch.Tensor, n: int,
         freq = counts.double() / counts.sum()
         pred = torch.bincount(top1, minlength=len(freq))[:len(freq)].double() / n
         seen = (pred > 0) & (freq > 0)
-        lp_, lf = pred[seen].log(), freq[seen].log()
-        out["spearman"] = spearman(pred[seen], freq[seen])
-        enough = seen.sum() > 2
-        out["loglog_slope"] = (torch.cov(torch.stack([lf, lp_]))[0, 1] / lf.var()).item() if enough else float("nan")
+        f, p = freq[seen], pred[seen]
+        enough = int(seen.sum()) > 2
+        out["spearman"] = spearman(p, f)
+        out["slope"] = (torch.cov(torch.stack([f, p]))[0, 1] / f.var()).item() if enough else float("nan")
+        out["loglog_slope"] = (torch.cov(torch.stack([f.log(), p.log()]))[0, 1] / f.log().var()).item() \
+            if enough else float("nan")
         valid = top1 < len(freq)
         out["mean_logfreq"] = freq[top1[valid]].clamp_min(1e-12).log().mean().item()
+        out["top10_share"] = torch.isin(top1, freq.topk(min(10, len(freq))).indices).double().mean().item()
     return out
 
 
@@ -134,47 +175,59 @@ class Outliers(Analysis):
         return ["ln_final.hook_normalized"]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        start = min(self.skip_positions, tokens.shape[1] - 2)
-        self.h.append(cache["ln_final.hook_normalized"][:, start:-1].flatten(0, 1).float())
-        self.gold.append(tokens[:, start + 1:].flatten())
+        keep = deep_positions(tokens, self.skip_positions, self.context.eos_id)
+        self.h.append(cache["ln_final.hook_normalized"][keep].float())
+        self.gold.append(tokens.roll(-1, dims=1)[keep])
 
     def compute(self) -> Result:
         h, gold = dim_zero_cat(self.h), dim_zero_cat(self.gold)
         ods, med, T = outlier_dims(h)
         d = h.shape[1]
-        z = robust_z(med)
         od_list = ods.tolist()
         out = {"outliers/count": float(len(ods)), "outliers/score_max": (med / T).max().item(),
-               "outliers/robust_z_max": z.max().item(), "outliers/threshold": T.item()}
+               "outliers/robust_z_max": robust_z(med).max().item(), "outliers/threshold": T.item()}
         if self.prev_ods is not None:
             union = set(self.prev_ods) | set(od_list)
             out["outliers/jaccard_prev"] = len(set(self.prev_ods) & set(od_list)) / len(union) if union else 1.0
+        out |= self._predictions(h, gold, ods, d)
         if len(ods):
-            out |= self._ablations(h, gold, ods, d) | self._parameter_diagnostics(ods, d)
+            out |= self._parameter_diagnostics(ods, d)
+        top = (med / T).topk(min(N_MEDIANS, d))
+        tables = {"outliers/dims": Table(["rank", "dimension"], [[i, dim] for i, dim in enumerate(od_list)]),
+                  "outliers/medians": Table(["rank", "dimension", "median / threshold"],
+                                            [[i, dim, v] for i, (dim, v) in
+                                             enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))])}
         emergence = onset(self.emergence, len(ods) > 0, self.step)
-        return Result(out, tables={"outliers/dims": Table(["rank", "dimension"], [[i, dim] for i, dim in
-                                                                                   enumerate(od_list)])},
-                      summary=onset_summary("outliers/emergence_step", emergence),
+        return Result(out, tables=tables, summary=onset_summary("outliers/emergence_step", emergence),
                       carry={"prev_ods": od_list, "emergence": emergence})
 
-    def _ablations(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
+    def _predictions(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
         counts = self.context.counts
         counts = None if counts is None else counts.to(h.device)
-        others = np.setdiff1d(np.arange(d), ods.cpu().numpy())
-        rng = np.random.default_rng(self.seed)
-        random_sets = [torch.as_tensor(rng.choice(others, size=min(len(ods), len(others)), replace=False),
-                                       device=h.device) for _ in range(N_RANDOM)]
-        full, ablated, *randoms = ablation_metrics(self.view, h, gold, [ods[:0], ods, *random_sets], counts)
-        out = {"outliers/ablate_kl": ablated["kl"], "outliers/random_kl": float(np.mean([r["kl"] for r in randoms])),
-               "outliers/ablate_acc_drop": full["acc"] - ablated["acc"],
-               "outliers/random_acc_drop": full["acc"] - float(np.mean([r["acc"] for r in randoms])),
-               "outliers/full_entropy": full["entropy"], "outliers/ablate_entropy": ablated["entropy"],
-               "outliers/full_n_distinct": full["n_distinct"], "outliers/ablate_n_distinct": ablated["n_distinct"]}
-        if counts is not None:
-            for name, m in (("full", full), ("ablate", ablated)):
-                out[f"outliers/{name}_spearman"] = m["spearman"]
-                out[f"outliers/{name}_loglog_slope"] = m["loglog_slope"]
-            out["outliers/ablate_mean_logfreq_drop"] = full["mean_logfreq"] - ablated["mean_logfreq"]
+        conditions = {"full": ods[:0]}
+        if len(ods):
+            others = np.setdiff1d(np.arange(d), ods.cpu().numpy())
+            rng = np.random.default_rng(self.seed)
+            conditions |= {"ablate": ods, "only_od": torch.as_tensor(others, device=h.device)}
+            conditions |= {f"random{i}": torch.as_tensor(rng.choice(others, size=min(len(ods), len(others)),
+                                                                     replace=False), device=h.device)
+                           for i in range(N_RANDOM)}
+        stats = dict(zip(conditions, ablation_metrics(self.view, h, gold, list(conditions.values()), counts),
+                         strict=True))
+        randoms = [stats.pop(f"random{i}") for i in range(N_RANDOM) if f"random{i}" in stats]
+        if randoms:
+            stats["random"] = {k: float(np.mean([r[k] for r in randoms])) for k in ("kl", "acc")}
+        full = stats["full"]
+        out: dict[str, float] = {}
+        for name, m in stats.items():
+            for key in ("kl", "entropy", "n_distinct", "spearman", "slope", "loglog_slope", "mean_logfreq",
+                        "top10_share"):
+                if key in m and not (name == "full" and key == "kl"):
+                    out[f"outliers/{name}_{key}"] = m[key]
+            if name in ("ablate", "random"):
+                out[f"outliers/{name}_acc_drop"] = full["acc"] - m["acc"]
+        if "ablate" in stats and "mean_logfreq" in full:
+            out["outliers/ablate_mean_logfreq_drop"] = full["mean_logfreq"] - stats["ablate"]["mean_logfreq"]
         return out
 
     def _parameter_diagnostics(self, ods: torch.Tensor, d: int) -> dict[str, float]:

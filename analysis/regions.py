@@ -13,15 +13,19 @@ Keys, per write layer w (`/L{w}`) and, without the suffix, for the first write l
 `regions/jumps_mean` (steps with Δd̃ > 0.2: a proxy for the number of regions crossed),
 `regions/kl_mid` (mean KL(p(α=0) ‖ p(α=½)) of the output distributions), `regions/dropped_pairs`,
 and for ReLU models `regions/relu_flips_mean` (units of the last MLP whose on/off state at the last
-position differs from α=0 somewhere along the path; compare with `jumps_mean`). The median curve
-d̃(α) per write layer is the table `regions/median_curve`.
+position differs from α=0 somewhere along the path; compare with `jumps_mean`). The table
+`regions/median_curve` holds, per write layer, the median curve d̃(α) and its interquartile band.
 
-Departures from the paper: prompts are 10-token chunks of the probe windows, not unrelated random
-corpus chunks. A pair is the k-th chunk of a window's first half (A) and the k-th chunk of its second
+Prompts are 10-token chunks of the probe windows, which sit at independent random offsets of the
+validation split, as the paper's are random chunks of a corpus. Probe windows are paired: window 2i
+with window 2i + 1 (probe batches and shards hold whole pairs when the batch size is even). A pair of
+prompts is the k-th chunk of one window's first half (A) and the k-th chunk of its partner's second
 half (B), `pairs_per_window` per window (default 2, so 128 pairs for the default 64 probe windows):
-pairs then depend only on the window, so sharding the probe set over ranks does not change them.
-The two prompts of a pair may come from the same document. The default grid has N = 21 points (the
-paper's figures use 50, its scripts 11 or 30); S depends on N, so keep it fixed across runs.
+the two prompts come from different windows, so from different documents unless the two windows
+overlap one. A window without a partner in its batch pairs with itself.
+
+Departures from the paper: the default grid has N = 21 points (the paper's figures use 50, its
+scripts 11 or 30); S depends on N, so keep it fixed across runs.
 """
 
 from __future__ import annotations
@@ -55,19 +59,22 @@ class Regions(Analysis):
                 self.add_state(f"{state}_L{w}", default=[], dist_reduce_fx="cat")
             self.add_state(f"dropped_L{w}", torch.tensor(0), dist_reduce_fx="sum")
 
-    def prompt_pairs(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A from the first half of each window, B from the second: [n_windows·pairs_per_window, L] each."""
-        L, half = self.prompt_length, windows.shape[1] // 2
+    def prompt_pairs(self, tokens: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A from the first half of each window, B from the second half of its partner window (2i ↔ 2i + 1):
+        [n_windows·pairs_per_window, L] each."""
+        L, half = self.prompt_length, tokens.shape[1] // 2
         if self.pairs_per_window * L > half:
             raise DynascopeError(f"regions needs windows of at least {2 * self.pairs_per_window * L} tokens, "
-                                 f"got {windows.shape[1]}")
-        a = [windows[:, k * L:(k + 1) * L] for k in range(self.pairs_per_window)]
-        b = [windows[:, half + k * L:half + (k + 1) * L] for k in range(self.pairs_per_window)]
+                                 f"got {tokens.shape[1]}")
+        row = {w: i for i, w in enumerate(windows.tolist())}
+        partner = torch.tensor([row.get(w ^ 1, i) for i, w in enumerate(windows.tolist())], device=tokens.device)
+        a = [tokens[:, k * L:(k + 1) * L] for k in range(self.pairs_per_window)]
+        b = [tokens[partner, half + k * L:half + (k + 1) * L] for k in range(self.pairs_per_window)]
         return torch.cat(a), torch.cat(b)
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         view = self.view
-        A, B = self.prompt_pairs(tokens)
+        A, B = self.prompt_pairs(tokens, windows)
         last_mlp = f"blocks.{self.shape.n_layers - 1}.mlp.hook_pre"
         extra = [last_mlp] if self.shape.is_relu else []
         for w in self.write_layers:
@@ -120,9 +127,15 @@ class Regions(Analysis):
             out |= {f"regions/{k}/L{w}": v for k, v in layer.items()}
             if i == 0:
                 out |= {f"regions/{k}": v for k, v in layer.items()}
-        curves = [self._cat("curves", w) for w in self.write_layers]
-        medians = [c.median(dim=0).values.tolist() if len(c) else [float("nan")] * self.n_alpha for c in curves]
-        alpha = torch.linspace(0, 1, self.n_alpha).tolist()
-        median_curve = Table(["alpha"] + [f"L{w}" for w in self.write_layers],
-                             [[a, *(m[k] for m in medians)] for k, a in enumerate(alpha)])
-        return Result(out, tables={"regions/median_curve": median_curve})
+        columns, series = ["alpha"], []
+        for w in self.write_layers:
+            c = self._cat("curves", w)
+            if len(c):
+                band = c.quantile(torch.tensor([0.25, 0.75], dtype=c.dtype, device=c.device), dim=0)
+                series += [c.median(dim=0).values, band[0], band[1]]
+            else:
+                series += [torch.full((self.n_alpha,), float("nan"))] * 3
+            columns += [f"L{w}", f"L{w} p25", f"L{w} p75"]
+        alpha = torch.linspace(0, 1, self.n_alpha)
+        rows = torch.stack([alpha, *(s.cpu() for s in series)], dim=1).tolist()
+        return Result(out, tables={"regions/median_curve": Table(columns, rows)})

@@ -4,21 +4,31 @@ Geva et al. 2022, "Transformer Feed-Forward Layers Build Predictions by Promotin
 Vocabulary Space" (definitions of the paper and its code, `aviclu/ffn-values`). The FFN output of
 layer l is Σ_i m_i v_i + b: coefficients m = `blocks.{l}.mlp.hook_post`, value vectors v_i (rows of
 `view.mlp_values(l)`). Sub-update i changes the logit of token w by e_w·(m_i v_i) with e_w the
-unembedding row of w.
+unembedding row of w. The *dominant* sub-updates at a position are the 10 largest by |m_i|·‖v_i‖.
 
 At a fixed subsample of probe positions (every `position_stride`-th, default 8):
-- Logit lens: each layer's prediction is argmax of final-norm(resid_post_l) @ Eᵀ (E the unembedding).
-  `vocab/agree_final/L{l}`: fraction of positions whose layer-l top-1 is the final top-1. The
-  saturation layer ℓ* is the first layer from which every later layer predicts the final top-1:
-  `vocab/saturation_layer_mean`, its histogram (table `vocab/saturation_hist`), and the implied
-  early-exit saving `vocab/early_exit_saving` = mean of 1 − (ℓ* + 1)/L.
-- Dominant sub-updates: per position and layer the 10 largest by |m_i|·‖v_i‖. `vocab/promotion_max/L{l}`:
-  mean over positions of their maximum score for the layer's top candidate (its logit-lens top-1);
-  `vocab/promotion_rate/L{l}`: the fraction of them with a positive score for it; `vocab/random_max/L{l}`:
-  the same maximum for 10 fixed random units (baseline). At saturation events (positions with ℓ* = l),
-  `vocab/saturation_promoted_max/L{l}` for the promoted final token and `vocab/elimination_mean/L{l}`:
-  the mean score for the eliminated tokens, those ranked above the promoted one before the FFN
-  (final-norm of resid_post_l minus the FFN output), at most 10 of them.
+- Logit lens on the layer outputs: each layer's prediction is argmax of
+  final-norm(resid_post_l) @ Eᵀ. `vocab/agree_final/L{l}`: fraction of positions whose layer-l top-1 is
+  the final top-1. The saturation layer ℓ* is the first layer from which every later layer predicts
+  the final top-1: `vocab/saturation_layer_mean` and its histogram (table `vocab/saturation_hist`).
+- Early exit. `vocab/oracle_exit_saving` = mean of 1 − (ℓ* + 1)/L is the saving of an *oracle* that
+  exits at the known saturation layer (100% accurate by construction: an upper bound, not the paper's
+  ~20%). The predictive rule: exit at the first layer whose logit-lens top-1 probability reaches a
+  threshold τ. τ is the smallest of {0.1, 0.2, …, 0.9, 0.95, 0.99, 1} whose exit accuracy (exit top-1
+  = final top-1) on the even-numbered probe windows reaches `exit_target_accuracy` (0.95); the
+  odd-numbered (held-out) windows give `vocab/exit_accuracy`, `vocab/exit_saving` (mean share of
+  layers skipped) and `vocab/exit_threshold` (τ); table `vocab/exit_curve` has every τ.
+- Promotion, per layer l, for the layer's top candidate w^l: the top-1 of the distribution *before*
+  the FFN, final-norm(resid_post_l − FFN output) @ Eᵀ (the spec's pre-FFN p^l). `vocab/promotion_max`,
+  `_mean`, `_min` `/L{l}`: the max, mean and min of the 10 dominant sub-updates' scores for w^l,
+  averaged over positions; `vocab/promotion_rate/L{l}` the fraction of them with a positive score;
+  `vocab/random_max`, `_mean`, `_min` `/L{l}`: the same for 10 random sub-updates of the layer, drawn
+  anew at every position (seeded by the probe window, so they do not depend on sharding).
+- Saturation events (positions with ℓ* = l), on equal footing: `vocab/promoted_max`, `_mean`, `_min`
+  `/L{l}`: the dominant sub-updates' scores for the promoted final token; `vocab/eliminated_max`,
+  `_mean`, `_min` `/L{l}`: their scores for each eliminated token (ranked above the promoted one before
+  the FFN, at most 10), averaged over the eliminated tokens of an event. The paper: promoted tokens
+  score far above eliminated ones, whose mean is ≈ 0 (elimination by promotion).
 - Value vectors in vocabulary space (weights only): top tokens of E·v_i for `table_values` values
   per layer (table `vocab/value_top_tokens`, decoded with the run's tokenizer), and a coherence proxy
   `vocab/value_coherence/L{l}`: mean pairwise cosine of the unembedding rows of each value's top-k
@@ -27,9 +37,10 @@ At a fixed subsample of probe positions (every `position_stride`-th, default 8):
 
 Departures: positions are a fixed stride of the probe windows rather than the last position of
 randomly cut sentences; values are projected with the raw unembedding (E·v_i, the lm-debugger
-convention; the GPT-2 code applies the final norm first); a layer whose top-1 is the final top-1 at
-ℓ* = 0 has no "before the FFN" at layer 0 other than the attention output, which is what is used.
-With GELU, m_i can be negative, so scores keep their sign and |m_i| is used only for dominance.
+convention; the GPT-2 code applies the final norm first); the predictive early-exit rule is a
+confidence threshold, simpler than the paper's cluster matching of dominant sub-updates (§3.2); random
+sub-updates are drawn with replacement. With GELU, m_i can be negative, so scores keep their sign and
+|m_i| is used only for dominance.
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
 from dynascope.analysis.view import Cache, ModelShape
 
 TOP = 10
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+SCORE_KINDS = ("promotion", "random", "promoted", "eliminated")
 
 
 class Vocab(Analysis):
@@ -47,87 +60,119 @@ class Vocab(Analysis):
     headline = "vocab/saturation_layer_mean"
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, position_stride: int = 8, table_values: int = 8,
-                 top_k: int = 10, coherence_values: int = 64, seed: int = 0):
+                 top_k: int = 10, coherence_values: int = 64, exit_target_accuracy: float = 0.95, seed: int = 0):
         super().__init__(shape, context)
         self.position_stride, self.table_values, self.top_k = position_stride, table_values, top_k
-        self.coherence_values = coherence_values
+        self.coherence_values, self.exit_target_accuracy, self.seed = coherence_values, exit_target_accuracy, seed
         L = shape.n_layers
         g = torch.Generator().manual_seed(seed)
-        self.random_units = torch.stack([torch.randperm(shape.d_mlp, generator=g)[:TOP] for _ in range(L)])
         self.sampled_values = torch.stack([torch.randperm(shape.d_mlp, generator=g)[:coherence_values]
                                            for _ in range(L)])
-        self.seed = seed
-        for state in ("agree", "promotion_max", "promotion_rate", "random_max", "saturation_promoted_max",
-                      "elimination_mean", "n_events"):
+        for kind in SCORE_KINDS:  # sums of the max, mean and min score over positions (or events)
+            self.add_state(f"{kind}_scores", torch.zeros(3, L, dtype=torch.float64), dist_reduce_fx="sum")
+        for state in ("agree", "promotion_rate", "saturation_hist", "n_eliminated"):
             self.add_state(state, torch.zeros(L, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("saturation_hist", torch.zeros(L, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        # early exit per threshold, on [fit, held-out] windows: correct exits, layers saved, positions
+        self.add_state("exit_correct", torch.zeros(2, len(THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("exit_saved", torch.zeros(2, len(THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("exit_n", torch.zeros(2, dtype=torch.float64), dist_reduce_fx="sum")
 
     def hook_names(self) -> list[str]:
         L = self.shape.n_layers
         return [f"blocks.{l}.hook_resid_post" for l in range(L)] + [f"blocks.{l}.mlp.hook_post" for l in range(L)]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        view = self.view
+        view, L = self.view, self.shape.n_layers
         pos = torch.arange(self.position_stride - 1, tokens.shape[1], self.position_stride, device=tokens.device)
-        L, E = self.shape.n_layers, view.output_embeddings.float()
+        window = windows.repeat_interleave(len(pos))  # each position's probe window
+        E = view.output_embeddings.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
-        preds = torch.stack([view.unembed(view.final_norm(r)).argmax(-1) for r in resid])  # [L, N]
+        lens = [view.unembed(view.final_norm(r)).softmax(-1).max(-1) for r in resid]
+        confidence, preds = torch.stack([c.values for c in lens]), torch.stack([c.indices for c in lens])  # [L, N]
         final = preds[-1]
         eq = preds == final
         sat = L - eq.flip(0).int().cumprod(0).sum(0)  # first layer of the trailing run of agreement
         self.agree += eq.double().sum(1)
         self.saturation_hist += torch.bincount(sat, minlength=L)[:L].double()
         self.n_positions += final.numel()
+        self._early_exit(confidence, preds, final, window % 2)
+        random_units = self._random_units(windows, len(pos))  # [L, N, TOP]
         for l in range(L):
             m = cache[f"blocks.{l}.mlp.hook_post"][:, pos].flatten(0, 1).float()  # [N, F]
             values = view.mlp_values(l).float()  # [F, d]
-            top = (m.abs() * values.norm(dim=-1)).topk(min(TOP, m.shape[1]), dim=-1).indices  # [N, 10]
-            score_top = self._scores(m, values, E[preds[l]], top)  # [N, 10]
-            self.promotion_max[l] += score_top.amax(-1).double().sum()
-            self.promotion_rate[l] += (score_top > 0).double().mean(-1).sum()
-            rand = self.random_units[l].to(m.device).expand(len(m), -1)
-            self.random_max[l] += self._scores(m, values, E[preds[l]], rand).amax(-1).double().sum()
+            bias = view.mlp_out_bias(l)
+            ffn_out = m @ values + (bias.float() if bias is not None else 0)
+            before = view.unembed(view.final_norm(resid[l] - ffn_out))  # [N, V] the distribution before the FFN
+            candidate = before.argmax(-1)
+            top = (m.abs() * values.norm(dim=-1)).topk(min(TOP, m.shape[1]), dim=-1).indices  # [N, 10] dominant
+            scores = _scores(m, values, E[candidate], top)
+            self._add("promotion", l, scores)
+            self.promotion_rate[l] += (scores > 0).double().mean(-1).sum()
+            self._add("random", l, _scores(m, values, E[candidate], random_units[l]))
             events = (sat == l).nonzero().flatten()
             if len(events):
-                self._saturation(l, events, m, values, resid[l], final, top)
+                self._saturation(l, m[events], values, before[events], final[events], top[events])
 
-    @staticmethod
-    def _scores(m: torch.Tensor, values: torch.Tensor, e: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """e_w · (m_i v_i) for each position's reference row e [N, d] and units [N, k]."""
-        return m.gather(1, units) * torch.einsum("nd,nkd->nk", e, values[units])
+    def _early_exit(self, confidence: torch.Tensor, preds: torch.Tensor, final: torch.Tensor,
+                    split: torch.Tensor) -> None:
+        L = self.shape.n_layers
+        tau = torch.tensor(THRESHOLDS, device=confidence.device)
+        reach = confidence[None] >= tau[:, None, None]  # [G, L, N]
+        reach[:, -1] = True  # the last layer is the model's own output
+        exit_layer = reach.int().argmax(dim=1)  # first layer that reaches τ: [G, N]
+        correct = (preds.gather(0, exit_layer) == final).double()
+        saved = 1 - (exit_layer + 1).double() / L
+        for s in (0, 1):
+            mine = split == s
+            self.exit_correct[s] += correct[:, mine].sum(-1)
+            self.exit_saved[s] += saved[:, mine].sum(-1)
+            self.exit_n[s] += mine.sum()
 
-    def _saturation(self, l: int, events: torch.Tensor, m: torch.Tensor, values: torch.Tensor,
-                    resid: torch.Tensor, final: torch.Tensor, top: torch.Tensor) -> None:
-        view = self.view
-        E = view.output_embeddings.float()
-        m, top, promoted = m[events], top[events], final[events]
-        bias = view.mlp_out_bias(l)
-        ffn_out = m @ values + (bias.float() if bias is not None else 0)
-        before = view.unembed(view.final_norm(resid[events] - ffn_out))  # [n, V] the distribution before the FFN
-        self.saturation_promoted_max[l] += self._scores(m, values, E[promoted], top).amax(-1).double().sum()
+    def _random_units(self, windows: torch.Tensor, per_window: int) -> torch.Tensor:
+        """10 random units per layer and position, [L, N, 10], drawn from a generator seeded by the window."""
+        L, F = self.shape.n_layers, self.shape.d_mlp
+        draws = [torch.randint(F, (L, per_window, TOP), generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + int(w))) for w in windows.tolist()]
+        return torch.cat(draws, dim=1).to(windows.device)
+
+    def _add(self, kind: str, layer: int, scores: torch.Tensor) -> None:
+        """Sums over positions (or events) of the max, mean and min score of each row's sub-updates."""
+        state = getattr(self, f"{kind}_scores")
+        state[:, layer] += torch.stack([scores.amax(-1), scores.mean(-1), scores.amin(-1)]).double().sum(-1)
+
+    def _saturation(self, l: int, m: torch.Tensor, values: torch.Tensor, before: torch.Tensor, promoted: torch.Tensor,
+                    top: torch.Tensor) -> None:
+        E = self.view.output_embeddings.float()
+        self._add("promoted", l, _scores(m, values, E[promoted], top))
         above = before > before.gather(1, promoted[:, None])  # tokens ranked above the promoted one
-        k = min(TOP, before.shape[1])
-        ranked = before.masked_fill(~above, float("-inf")).topk(k, dim=-1)
-        valid = ranked.values > float("-inf")  # [n, k] eliminated tokens of each event
-        scores = m.gather(1, top)[:, None] * torch.einsum("nkd,ntd->nkt", E[ranked.indices], values[top])
-        per_event = (scores.mean(-1) * valid).sum(-1) / valid.sum(-1).clamp_min(1)  # [n]
+        ranked = before.masked_fill(~above, float("-inf")).topk(min(TOP, before.shape[1]), dim=-1)
+        valid = ranked.values > float("-inf")  # [n, k] the eliminated tokens of each event
+        scores = m.gather(1, top)[:, None] * torch.einsum("nkd,ntd->nkt", E[ranked.indices], values[top])  # [n, k, 10]
         has = valid.any(-1)
-        self.elimination_mean[l] += per_event[has].double().sum()
-        self.n_events[l] += has.double().sum()
+        if has.any():
+            per_token = torch.stack([scores.amax(-1), scores.mean(-1), scores.amin(-1)])  # [3, n, k]
+            per_event = (per_token * valid).sum(-1) / valid.sum(-1).clamp_min(1)  # [3, n] mean over eliminated tokens
+            self.eliminated_scores[:, l] += per_event[:, has].double().sum(-1)
+            self.n_eliminated[l] += has.double().sum()
 
     def compute(self) -> Result:
         L, n = self.shape.n_layers, self.n_positions
         layers = torch.arange(L, dtype=torch.float64, device=self.saturation_hist.device)
         hist = self.saturation_hist
         out = {"vocab/saturation_layer_mean": (hist * layers).sum().item() / n.item(),
-               "vocab/early_exit_saving": (hist * (1 - (layers + 1) / L)).sum().item() / n.item()}
-        events = hist.clamp_min(1)
-        per = {"agree_final": self.agree / n, "promotion_max": self.promotion_max / n,
-               "promotion_rate": self.promotion_rate / n, "random_max": self.random_max / n,
-               "saturation_promoted_max": torch.where(hist > 0, self.saturation_promoted_max / events, torch.nan),
-               "elimination_mean": torch.where(self.n_events > 0, self.elimination_mean / self.n_events.clamp_min(1),
-                                               torch.nan)}
+               "vocab/oracle_exit_saving": (hist * (1 - (layers + 1) / L)).sum().item() / n.item()}
+        accuracy = self.exit_correct / self.exit_n[:, None].clamp_min(1)  # [2, G]
+        saving = self.exit_saved / self.exit_n[:, None].clamp_min(1)
+        chosen = int((accuracy[0] >= self.exit_target_accuracy).nonzero()[0])  # τ = 1 always qualifies
+        out |= {"vocab/exit_threshold": THRESHOLDS[chosen], "vocab/exit_accuracy": accuracy[1, chosen].item(),
+                "vocab/exit_saving": saving[1, chosen].item()}
+        per = {"agree_final": self.agree / n, "promotion_rate": self.promotion_rate / n}
+        counts = {"promotion": n, "random": n, "promoted": hist, "eliminated": self.n_eliminated}
+        for kind in SCORE_KINDS:
+            c = counts[kind]
+            mean = torch.where(c > 0, getattr(self, f"{kind}_scores") / c.clamp_min(1), torch.nan)
+            per |= {f"{kind}_{stat}": mean[i] for i, stat in enumerate(("max", "mean", "min"))}
         for key, vals in per.items():
             out |= {f"vocab/{key}/L{l}": v for l, v in enumerate(vals.tolist())}
         for l in range(L):
@@ -139,7 +184,10 @@ class Vocab(Analysis):
                 rows.append([l, unit, " | ".join(self.context.decode(ids))])
         tables = {"vocab/value_top_tokens": Table(["layer", "unit", "top tokens of E·v"], rows),
                   "vocab/saturation_hist": Table(["layer", "fraction of positions"],
-                                                 [[l, f] for l, f in enumerate((hist / n).tolist())])}
+                                                 [[l, f] for l, f in enumerate((hist / n).tolist())]),
+                  "vocab/exit_curve": Table(["threshold", "fit accuracy", "held-out accuracy", "held-out saving"],
+                                            [[t, *vals] for t, vals in zip(THRESHOLDS, torch.stack(
+                                                [accuracy[0], accuracy[1], saving[1]], 1).tolist(), strict=True)])}
         return Result(out, tables=tables)
 
     def value_top_tokens(self, layer: int, units: torch.Tensor, k: int) -> torch.Tensor:
@@ -164,3 +212,8 @@ class Vocab(Analysis):
             return sims[:, off].mean().item()
 
         return coherence(values[self.sampled_values[layer].to(values.device)]), coherence(random)
+
+
+def _scores(m: torch.Tensor, values: torch.Tensor, e: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """e_w · (m_i v_i) for each position's reference row e [N, d] and units [N, k]."""
+    return m.gather(1, units) * torch.einsum("nd,nkd->nk", e, values[units])

@@ -50,7 +50,7 @@ def tiny_args(corpus_file: Path, run_dir: Path, max_steps: int, *extra: str) -> 
             "--data.source", "files", "--data.paths", f"[{corpus_file}]", "--data.vocab_size", "320",
             "--data.batch_size", "4", "--data.val_fraction", "0.2",
             "--snapshots.log_cap", "4", "--snapshots.every", "3", "--checkpoints.every_n_steps", "4",
-            "--dynamics.options", '{"regions": {"pairs_per_window": 1}, "sparsity": {"train_batches": true}}',
+            "--dynamics.options", '{"regions": {"pairs_per_window": 1}, "sparsity": {"dead_min_tokens": 256}}',
             *extra]
 
 

@@ -7,7 +7,8 @@ from torch import nn
 from dynascope.analysis import build
 from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.measure import measure
-from dynascope.train.model import HookPoint
+from dynascope.analysis.view import TransformerView
+from dynascope.train.model import HookPoint, ModelConfig, Transformer
 
 V, D = 3000, 32
 
@@ -31,11 +32,12 @@ def head_view(E: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None
     return FakeView(model, {"ln_final.hook_normalized": model.normalized}, E, context_length=16, bias=bias)
 
 
-def planted(noise: float, seed: int = 0):
+def planted(noise: float, seed: int = 0, a: torch.Tensor | None = None):
+    """An unembedding that encodes −log frequency along direction a, plus Gaussian noise."""
     g = torch.Generator().manual_seed(seed)
     counts = (1e6 / np.arange(1, V + 1)).astype(np.int64)  # Zipf, all above min_count
     y = -torch.log(torch.as_tensor(counts / counts.sum()))
-    a = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0)
+    a = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0) if a is None else a
     E = (y.float() - y.float().mean())[:, None] * a + noise * torch.randn(V, D, generator=g)
     return E, a, AnalysisContext(counts=torch.from_numpy(counts))
 
@@ -73,7 +75,89 @@ def test_convergence_compares_direction_and_weights_across_checkpoints():
     second = measure(head_view(E * 1.1, a), [f], tokens(), step=8)
     assert second.values["frequency/direction_cos_prev"] == pytest.approx(1.0, abs=1e-4)  # same direction, rescaled
     assert second.values["frequency/wu_rel_change"] == pytest.approx(0.1 / 1.1, rel=1e-4)
-    assert second.summary == {"frequency/converged_step": 8.0}
+
+
+def test_converged_step_is_a_stability_onset_revised_when_it_stops_holding():
+    _, a, context = planted(noise=0.0)
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128]
+    noise = [1.0, 0.7, 0.5, 0.3, 0.3, 0.3, 1.0, 0.3, 0.3]  # rising R², flat from step 4, a drop at 32, back
+    (f,) = build("frequency", head_view(*planted(0.0, a=a)[:2]).shape, context)
+    r2, summary = [], []
+    for step, level in zip(steps, noise, strict=True):
+        E = planted(0.0, a=a)[0] + level * torch.randn(V, D, generator=torch.Generator().manual_seed(9))
+        record = measure(head_view(E, a), [f], tokens(), step=step)
+        r2.append(record.values["frequency/r2_corpus"])
+        summary.append(record.summary.get("frequency/converged_step"))
+    assert r2[3] - r2[2] > 0.02 and r2[3] == r2[4] == r2[5] > 0.5  # still rising at 4, flat from 4 to 16
+    assert summary[:4] == [None] * 4  # a rising curve is not converged, however high its R²
+    assert summary[4:6] == [8.0, 8.0]  # the first checkpoint from which R² and A stopped moving
+    assert summary[6:8] == [None, None]  # revised away by the drop at 32 and the jump back at 64
+    assert summary[8] == 128.0 and record.summary["frequency/converged_revisions"] == 2.0
+
+
+def test_distance_to_the_final_checkpoint_offline():
+    E, a, context = planted(noise=0.05)
+    final = E * 1.5 + 0.1
+    context.final_output_embeddings = final
+    out = measure(head_view(E, a), build("frequency", head_view(E, a).shape, context), tokens(), step=0).values
+    assert out["frequency/dist_to_final"] == pytest.approx(((E - final).norm() / final.norm()).item(), rel=1e-6)
+
+
+def test_r2_output_reads_near_zero_at_random_init_and_near_one_when_predictions_follow_frequency():
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_mlp=64, vocab_size=500, context_length=32)
+    v = TransformerView(Transformer(cfg).eval())
+    counts = torch.from_numpy((1e5 / np.arange(1, 501)).astype(np.int64))
+    out = measure(v, build("frequency", v.shape, AnalysisContext(counts=counts)),
+                  torch.randint(0, 500, (16, 32), generator=torch.Generator().manual_seed(1)), step=0).values
+    assert out["frequency/r2_output"] < 0.2  # random init: the mean prediction does not follow frequency
+    E, a, context = planted(noise=0.05)  # h = −a: logits −(y − ȳ), so α follows frequency exactly
+    assert measure(head_view(E, a), build("frequency", head_view(E, a).shape, context), tokens(),
+                   step=0).values["frequency/r2_output"] > 0.99
+
+
+def test_padded_and_rare_rows_are_not_fitted():
+    E, a, context = planted(noise=0.05)
+    out = measure(head_view(E, a), build("frequency", head_view(E, a).shape, context), tokens(), step=0).values
+    padded = torch.cat([E, 5 * torch.randn(100, D, generator=torch.Generator().manual_seed(2))])  # 100 rows beyond
+    v = head_view(padded, a)
+    padded_out = measure(v, build("frequency", v.shape, context), tokens(), step=0).values
+    for key in ("frequency/r2_corpus", "frequency/spearman_corpus"):
+        assert padded_out[key] == pytest.approx(out[key], rel=1e-9), key
+    # α itself is the model's output distribution, over the padded rows too; they only move its normaliser
+    assert padded_out["frequency/r2_output"] == pytest.approx(out["frequency/r2_output"], rel=1e-5)
+
+
+def test_deletion_curve_in_abs_a_order_beats_a_random_order():
+    first_random = int(torch.randperm(D, generator=torch.Generator().manual_seed(0))[0])  # the analysis's seed
+    a = torch.zeros(D)
+    a[first_random] = 1.0  # the whole code lives in the dimension a random order deletes first
+    E, _, context = planted(noise=0.01, a=a)
+    v = head_view(E, a)
+    record = measure(v, build("frequency", v.shape, context), tokens(), step=0)
+    curve = record.tables["frequency/deletion_curve"].rows
+    assert [row[0] for row in curve] == pytest.approx([0.1 * i for i in range(1, 10)])
+    assert max(row[1] for row in curve) < 0.01  # deleting up to 90% of the small-|A| dimensions keeps the code
+    assert min(row[2] for row in curve) > 1.0  # a random order deletes it from 10% on
+    assert record.values["frequency/deletion_kl_0.3"] == pytest.approx(curve[2][1])
+    assert record.values["frequency/deletable_frac_0.01"] == 0.95
+
+
+def test_od_overlap_comes_from_the_outliers_analysis():
+    from test_outliers import planted_view, windows
+
+    view = planted_view(offsets={7: 6.0, 40: -8.0})
+    counts = torch.arange(40, 0, -1) ** 2
+    alone = measure(view, build("frequency", view.shape, AnalysisContext(counts=counts)), windows(), step=0)
+    assert "frequency/od_overlap" not in alone.values  # no outliers analysis measured
+    frequency, outliers = build("frequency,outliers", view.shape, AnalysisContext(counts=counts))
+    record = measure(view, [frequency, outliers], windows(), step=0)
+    ods = {dim for _, dim in record.tables["outliers/dims"].rows}
+    top = set(frequency.prev_A.abs().topk(len(ods)).indices.tolist())
+    assert ods == {7, 40} and record.values["frequency/od_overlap"] == len(top & ods) / 2
+    plain = planted_view()
+    frequency, outliers = build("frequency,outliers", plain.shape, AnalysisContext(counts=counts))
+    assert "frequency/od_overlap" not in measure(plain, [frequency, outliers], windows(), step=0).values
 
 
 def test_lm_head_bias_is_added_to_the_target():

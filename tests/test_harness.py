@@ -102,7 +102,9 @@ def test_online_equals_offline(name, tiny_run):
     assert sorted(online) == sorted(offline)
     compared = 0
     for step, row in online.items():
-        keys = [k for k in row if k.startswith(name + "/") and not k.startswith("sparsity/train_")]  # online only
+        keys = [k for k in row if k.startswith(name + "/") and not k.startswith(REGISTRY[name].training_keys)]
+        measured_offline = {k for k, v in offline[step].items() if k.startswith(name + "/") and v == v}  # not NaN
+        assert measured_offline <= set(keys) <= set(offline[step])
         for key in keys:
             assert offline[step][key] == pytest.approx(row[key], rel=1e-5, nan_ok=True), (step, key)
         compared += len(keys)

@@ -8,7 +8,7 @@ from torch import nn
 from dynascope.analysis import build
 from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.measure import measure
-from dynascope.analysis.outliers import outlier_dims, robust_z
+from dynascope.analysis.outliers import outlier_dims, robust_z, spearman
 from dynascope.analysis.probe import shard
 from dynascope.train.model import HookPoint
 
@@ -52,6 +52,8 @@ def test_planted_offset_dimensions_are_found_in_order():
     out = record.values
     assert out["outliers/count"] == 3
     assert [row[1] for row in record.tables["outliers/dims"].rows] == [40, 7, 12]  # by median |h|
+    medians = record.tables["outliers/medians"].rows  # the sorted medians against the threshold, for the report
+    assert [row[1] for row in medians[:3]] == [40, 7, 12] and medians[2][2] > 1 > medians[3][2]
     assert out["outliers/score_max"] > 1 and out["outliers/robust_z_max"] > 10
     assert out["outliers/ablate_kl"] > 10 * out["outliers/random_kl"]
     assert {"outliers/full_spearman", "outliers/ablate_mean_logfreq_drop"} <= set(out)
@@ -116,3 +118,76 @@ def test_two_ranks_give_the_single_process_values(tmp_path):
     single = measure(v, build("outliers", v.shape), windows(), step=0).values
     for rank in (0, 1):
         assert results[rank] == pytest.approx(single, rel=1e-6, nan_ok=True)
+
+
+class Boundary(Planted):
+    """Planted ODs, plus massive activations on 40 dimensions at an end-of-document token (position 20)
+    and the 16 positions after it, as a new document's first positions have in trained models."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.normalized.register_forward_hook(lambda m, i, h: h + self.massive(h))
+
+    @staticmethod
+    def massive(h):
+        extra = torch.zeros_like(h)
+        extra[:, 20:37, :40] = 30.0
+        return extra
+
+
+EOS = 39
+
+
+def test_positions_after_a_document_boundary_are_left_out():
+    model = Boundary(512, {7: 6.0})
+    v = FakeView(model, {"ln_final.hook_normalized": model.normalized}, model.E, d_mlp=1024, context_length=40,
+                 values=torch.randn(1024, 512, generator=torch.Generator().manual_seed(3)))
+    tokens = windows()
+    tokens[tokens == EOS] = 0
+    tokens[:, 20] = EOS  # a document ends at position 20 of every window
+    (a,) = build("outliers", v.shape, AnalysisContext(eos_id=EOS))
+    record = measure(v, [a], tokens, step=0)
+    # kept: positions 16-19 (17-20 tokens of context) and 37-38 (17-18 tokens after the end of document)
+    assert record.values["outliers/count"] == 1 and record.tables["outliers/dims"].rows == [[0, 7]]
+    _, cache = v.run_with_cache(tokens, ["ln_final.hook_normalized"])
+    kept = cache["ln_final.hook_normalized"][:, [16, 17, 18, 19, 37, 38]].flatten(0, 1)
+    assert record.values["outliers/threshold"] == pytest.approx(outlier_dims(kept)[2].item())
+
+
+def frequent_view() -> tuple[FakeView, AnalysisContext]:
+    """ODs 7 and 40 whose unembedding columns favour the 10 most frequent tokens (ids 0-9)."""
+    view = planted_view(offsets={7: 6.0, 40: -8.0})
+    view.E[:10, 7], view.E[:10, 40] = 2.0, -2.0
+    return view, AnalysisContext(counts=torch.arange(40, 0, -1) ** 2)
+
+
+def test_only_the_ods_collapse_predictions_onto_the_most_frequent_tokens():
+    v, context = frequent_view()
+    (a,) = build("outliers", v.shape, context)
+    out = measure(v, [a], windows(), step=0).values
+    assert out["outliers/only_od_top10_share"] == 1.0 and out["outliers/only_od_n_distinct"] <= 10
+    assert out["outliers/ablate_top10_share"] < 0.5  # without them predictions spread over the vocabulary
+    assert out["outliers/only_od_mean_logfreq"] > out["outliers/ablate_mean_logfreq"]
+
+
+def test_frequency_heuristic_is_logged_without_ods_with_the_authors_raw_slope():
+    v = planted_view()
+    context = AnalysisContext(counts=torch.arange(40, 0, -1) ** 2)
+    (a,) = build("outliers", v.shape, context)
+    out = measure(v, [a], windows(), step=0).values
+    assert out["outliers/count"] == 0 and "outliers/ablate_kl" not in out and "outliers/only_od_kl" not in out
+    _, cache = v.run_with_cache(windows(), ["ln_final.hook_normalized"])
+    top1 = (cache["ln_final.hook_normalized"][:, 16:-1].flatten(0, 1) @ v.E.T).argmax(-1)
+    pred = torch.bincount(top1, minlength=40).double() / len(top1)
+    corp = context.counts.double() / context.counts.sum()
+    seen = pred > 0
+    slope = torch.cov(torch.stack([corp[seen], pred[seen]]))[0, 1] / corp[seen].var()  # OLS on raw frequencies
+    assert out["outliers/full_slope"] == pytest.approx(slope.item(), rel=1e-6)
+    assert {"outliers/full_spearman", "outliers/full_loglog_slope", "outliers/full_top10_share",
+            "outliers/full_entropy", "outliers/full_n_distinct"} <= set(out)
+
+
+def test_spearman_gives_ties_their_average_rank():
+    # ranks of x with the tie averaged: 1.5, 1.5, 3, 4; Pearson against 1, 2, 3, 4 = 4.5 / sqrt(4.5 · 5)
+    assert spearman(torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
+        4.5 / (4.5 * 5) ** 0.5)

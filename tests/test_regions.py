@@ -39,6 +39,7 @@ def planted(step: bool) -> FakeView:
         model.embed.weight.zero_()
         model.embed.weight[0] = torch.tensor([-1.0, 1.0, 0.0, 0.5])  # A's last token: coordinate 0 at -1
         model.embed.weight[1] = torch.tensor([1.0, 0.0, 2.0, 0.5])  # B's: +1, so the step is at α = 0.5
+        model.embed.weight[4] = torch.tensor([-3.0, 1.0, 0.0, 0.5])  # from −3 to B's +1: the step is at α = 0.75
     return FakeView(model, {"blocks.0.hook_resid_post": model.resid, "ln_final.hook_normalized": model.normalized},
                     torch.eye(4), context_length=40, activation="gelu")
 
@@ -73,6 +74,30 @@ def test_pairs_that_do_not_move_the_output_are_dropped():
     (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0]}})
     out = measure(v, [a], windows, step=0, batch_size=3).values
     assert out["regions/dropped_pairs"] == 6.0  # 3 windows × 2 pairs
+
+
+def test_pairs_take_their_two_prompts_from_different_windows():
+    windows = torch.full((4, 40), 2)
+    for w in range(4):  # within a window A and B end in the same token (one document): no boundary between them
+        windows[w, [9, 19, 29, 39]] = w % 2
+    v = planted(step=True)
+    (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0]}})
+    out = measure(v, [a], windows, step=0, batch_size=4).values
+    assert out["regions/dropped_pairs"] == 0  # each A meets its partner window's B, across the boundary
+    assert out["regions/sharpness_median"] == pytest.approx(20.0)
+
+
+def test_median_curve_is_stored_with_its_interquartile_band():
+    windows = toy_windows(4)
+    windows[1::2, [9, 19]] = 4  # odd windows' A prompts start further away: half of the pairs step at 0.75
+    v = planted(step=True)
+    (a,) = build("regions", v.shape, options={"regions": {"write_layers": [0]}})
+    table = measure(v, [a], windows, step=0, batch_size=4).tables["regions/median_curve"]
+    assert table.columns == ["alpha", "L0", "L0 p25", "L0 p75"]
+    for alpha, median, p25, p75 in table.rows:
+        # d̃ is 0 or 1 per pair; 4 of the 8 curves have stepped for α in (0.5, 0.75], all of them after
+        expected = (0, 0, 0) if alpha <= 0.5 + 1e-6 else (0, 0, 1) if alpha <= 0.75 + 1e-6 else (1, 1, 1)
+        assert (median, p25, p75) == expected, alpha
 
 
 def test_random_init_model_has_no_sharp_boundaries():

@@ -30,32 +30,71 @@ def one_hot_view() -> FakeView:
     return FakeView(model, {"blocks.0.mlp.hook_pre": model.pre}, torch.eye(12), context_length=8)
 
 
+def fire(units: list[int]) -> torch.Tensor:
+    """Pre-activations of the one-hot layer on training tokens `units`: [1, len(units), 12]."""
+    return 2 * nn.functional.one_hot(torch.tensor([units]), 12).float() - 1
+
+
 def test_usage_and_density_on_planted_firing():
     v = one_hot_view()
     tokens = torch.tensor([[0, 0, 1, 1], [2, 3, 3, 3], [4, 4, 4, 4]])
-    (a,) = build("sparsity", v.shape)
+    (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_source": "probe", "dead_min_tokens": 12}})
     out = measure(v, [a], tokens, step=0, batch_size=2).values
     assert out["sparsity/token_density_mean/L0"] == pytest.approx(1 / 12)  # one unit per token
     assert out["sparsity/seq_usage_mean/L0"] == pytest.approx((2 + 2 + 1) / 3 / 12)
-    assert out["sparsity/batch_usage/L0"] == pytest.approx(5 / 12)
-    assert out["sparsity/dead_count/L0"] == 7 and out["sparsity/batch_window_tokens"] == 12
+    assert out["sparsity/batch_usage/L0"] == pytest.approx(5 / 12) and out["sparsity/batch_window_tokens"] == 12
     assert out["sparsity/always_on_frac/L0"] == 0
+    # death judged over the whole probe set (12 tokens, enough here)
+    assert out["sparsity/dead_count/L0"] == 7 and out["sparsity/dead_window_tokens"] == 12
     assert out["sparsity/sleeping_frac/L0"] == 0 and out["sparsity/dead_margin_median/L0"] == -1
 
 
-def test_dead_units_turned_off_revived_and_chance_null():
+def test_batch_usage_is_a_fixed_token_window_whatever_the_context_length():
+    v = one_hot_view()
+    tokens = torch.zeros(16, 1024, dtype=torch.long)  # 16 windows of 1024 tokens
+    tokens[8:] = 5  # unit 5 fires only after the first 8192 tokens
+    out = measure(v, build("sparsity", v.shape), tokens, step=0).values
+    assert out["sparsity/batch_window_tokens"] == 8192 and out["sparsity/batch_usage/L0"] == pytest.approx(1 / 12)
+    assert out["sparsity/freq_median/L0"] == 0 and out["sparsity/token_density_mean/L0"] == pytest.approx(1 / 12)
+
+
+def test_death_is_judged_on_the_training_stream_over_enough_tokens():
+    v = one_hot_view()
+    (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_min_tokens": 100}})
+    assert a.training_hook_names() == ["blocks.0.mlp.hook_pre"]
+    probe = torch.tensor([[3, 3]])
+    a.observe_training("blocks.0.mlp.hook_pre", fire([0, 1] * 30))
+    first = measure(v, [a], probe, step=1).values
+    assert "sparsity/dead_count/L0" not in first  # 60 training tokens are too few to judge
+    a.observe_training("blocks.0.mlp.hook_pre", fire([1, 2] * 30))
+    second = measure(v, [a], probe, step=2).values  # 120 tokens since the start: units 0, 1, 2 fired
+    assert second["sparsity/dead_count/L0"] == 9 and second["sparsity/dead_window_tokens"] == 120
+    assert "sparsity/turned_off/L0" not in second  # the first judgement
+    for loss, grad_norm in ((3.0, 1.0), (2.9, 2.0), (5.0, 9.0), (2.8, 1.0)):
+        a.observe_step(loss, grad_norm)
+    a.observe_training("blocks.0.mlp.hook_pre", fire([1] * 119 + [3]))
+    third = measure(v, [a], probe, step=4).values
+    assert third["sparsity/turned_off/L0"] == 2 and third["sparsity/revived/L0"] == 1  # 0 and 2 off, 3 back
+    assert third["sparsity/dead_since_init/L0"] == 8  # dead at both judgements: all but 0, 1, 2, 3
+    # units 0 and 2 fired on 25% of the previous 120 tokens, unit 1 on 50%: missing 120 fresh ones by chance
+    assert third["sparsity/dead_expected_chance/L0"] == pytest.approx(2 * 0.75 ** 120 + 0.5 ** 120)
+    assert third["sparsity/interval_grad_norm_max"] == 9.0
+    assert third["sparsity/interval_loss_jump_max"] == pytest.approx(2.1)
+
+
+def test_dead_units_turned_off_and_revived_on_a_real_model():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, d_mlp=32, vocab_size=50,
                                     context_length=16)).eval()
     v = TransformerView(model)
     tokens = torch.randint(0, 50, (8, 16))
-    (a,) = build("sparsity", v.shape)
+    (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_source": "probe", "dead_min_tokens": 128}})
     bias = model.blocks[0].mlp.fc_in.bias
     with torch.no_grad():
         bias[[1, 2]] = -100.0
     first = measure(v, [a], tokens, step=0).values
     assert first["sparsity/dead_count/L0"] == 2 and first["sparsity/dead_count/L1"] == 0
-    assert "sparsity/turned_off/L0" not in first  # no previous checkpoint yet
+    assert "sparsity/turned_off/L0" not in first  # no previous judgement yet
     with torch.no_grad():
         bias[1] = 0.0
         bias[3] = -100.0
@@ -63,8 +102,6 @@ def test_dead_units_turned_off_revived_and_chance_null():
     assert second["sparsity/dead_count/L0"] == 2
     assert second["sparsity/turned_off/L0"] == 1 and second["sparsity/revived/L0"] == 1  # unit 3 off, unit 1 back
     assert second["sparsity/dead_since_init/L0"] == 1  # unit 2
-    # the units alive before fired on a good share of 128 tokens: chance explains none of the turning off
-    assert second["sparsity/dead_expected_chance/L0"] < 1e-3
     assert second["sparsity/sleeping_frac/L0"] == 0.0  # −100 is far below zero
 
 
@@ -72,21 +109,23 @@ def _rank_main(rank: int, path: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     v = one_hot_view()
     tokens = torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])  # unit 5 fires on rank 0 only
-    (a,) = build("sparsity", v.shape, options={"sparsity": {"train_batches": True}})
-    training = [[7, 7]] if rank == 0 else [[8, 8]]  # each rank's training batch fires one unit
-    a.observe_training("blocks.0.mlp.hook_pre", 2 * nn.functional.one_hot(torch.tensor(training), 12).float() - 1)
+    (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_min_tokens": 4}})
+    a.observe_training("blocks.0.mlp.hook_pre", fire([7, 7] if rank == 0 else [8, 8]))  # one unit per rank
+    saved = a.checkpoint_state()  # what a resume checkpoint keeps: reduced over ranks
     mine, first = shard(tokens, rank, 2)
-    results[rank] = measure(v, [a], mine, step=1, first_window=first).values
+    results[rank] = {"values": measure(v, [a], mine, step=1, first_window=first).values,
+                     "saved_fired": torch.nonzero(saved["states"]["train_fired"][0]).flatten().tolist()}
     dist.destroy_process_group()
 
 
-def test_batch_usage_and_the_training_stream_are_ors_over_ranks(tmp_path):
+def test_usage_and_the_training_stream_are_ors_over_ranks(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_rank_main, args=(str(tmp_path / "store"), results), nprocs=2)
     for rank in (0, 1):
-        assert results[rank]["sparsity/batch_usage/L0"] == pytest.approx(3 / 12)  # units 0, 1, 5
-        assert results[rank]["sparsity/dead_count/L0"] == 9
-        assert results[rank]["sparsity/train_dead_frac/L0"] == pytest.approx(10 / 12)  # units 7 and 8
+        values = results[rank]["values"]
+        assert values["sparsity/batch_usage/L0"] == pytest.approx(3 / 12)  # units 0, 1, 5
+        assert values["sparsity/dead_count/L0"] == 10 and values["sparsity/dead_window_tokens"] == 4  # 7 and 8 fired
+        assert results[rank]["saved_fired"] == [7, 8]  # no rank's training units are lost on resume
     single = measure(one_hot_view(), build("sparsity", one_hot_view().shape), torch.tensor([[1, 1, 1, 1]] * 2), 0)
     assert single.values["sparsity/batch_usage/L0"] == pytest.approx(1 / 12)  # rank 1's shard alone misses 0 and 5
 
@@ -100,15 +139,3 @@ def test_gelu_uses_the_preactivation_sign():
     _, cache = v.run_with_cache(tokens, ["blocks.0.mlp.hook_pre"])
     active = (cache["blocks.0.mlp.hook_pre"] > 0).float().mean().item()
     assert out["sparsity/token_density_mean/L0"] == pytest.approx(active)
-
-
-def test_training_stream_ors_the_units_seen_between_checkpoints():
-    v = one_hot_view()
-    (a,) = build("sparsity", v.shape, options={"sparsity": {"train_batches": True}})
-    assert a.training_hook_names() == ["blocks.0.mlp.hook_pre"]
-    for batch in (torch.tensor([[0, 1]]), torch.tensor([[1, 7]])):
-        a.observe_training("blocks.0.mlp.hook_pre", 2 * nn.functional.one_hot(batch, 12).float() - 1)
-    out = measure(v, [a], torch.tensor([[3, 3]]), step=1).values
-    assert out["sparsity/train_dead_frac/L0"] == pytest.approx(9 / 12)  # units 0, 1, 7 fired in training
-    assert out["sparsity/dead_count/L0"] == 11  # the probe set saw only unit 3
-    assert "sparsity/train_dead_frac/L0" not in measure(v, [a], torch.tensor([[3, 3]]), step=2).values  # reset

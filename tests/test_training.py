@@ -48,8 +48,10 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tiny_run):
         s: online[s]["basic/probe_loss"] for s in online}
     assert {"basic/probe_loss", "regions/sharpness_median/L1", "sparsity/batch_usage/L1", "vocab/agree_final/L0",
             "outliers/score_max", "frequency/r2_corpus", "frequency/wu_rel_change"} <= set(online[4])
-    train_dead = [online[s]["sparsity/train_dead_frac/L0"] for s in sorted(online)[1:]]
-    assert all(0 <= d < 1 for d in train_dead) and "sparsity/train_dead_frac/L0" not in online[0]
+    # death is judged on the training stream every 256 tokens (2 steps of 4 × 32): at steps 2, 4 and 6
+    judged = {s: online[s]["sparsity/dead_window_tokens"] for s in online if "sparsity/dead_window_tokens" in online[s]}
+    assert judged == {2: 256, 4: 256, 6: 256} and all(0 <= online[s]["sparsity/dead_frac/L0"] < 1 for s in judged)
+    assert online[4]["sparsity/interval_grad_norm_max"] > 0
     assert [r["step"] for r in read_csv(run / "analysis" / "metrics.csv")] == sorted(manifest)
     assert len((run / "tables" / "regions__median_curve.jsonl").read_text().splitlines()) == len(manifest)
 

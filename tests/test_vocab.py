@@ -45,14 +45,57 @@ def test_saturation_layer_promotion_and_elimination_on_a_planted_stream():
     record = measure(v, [a], torch.zeros(3, 16, dtype=torch.long), step=0)
     out = record.values
     assert out["vocab/saturation_layer_mean"] == K
-    assert out["vocab/early_exit_saving"] == pytest.approx(1 - (K + 1) / L)
+    assert out["vocab/oracle_exit_saving"] == pytest.approx(1 - (K + 1) / L) and "vocab/early_exit_saving" not in out
     assert [out[f"vocab/agree_final/L{l}"] for l in range(L)] == [0, 0, 1, 1]
-    assert out[f"vocab/saturation_promoted_max/L{K}"] == pytest.approx(4.0)  # unit B_TOK's m·(e_B·v_B)
-    assert out[f"vocab/elimination_mean/L{K}"] == pytest.approx(0.0)  # A_TOK is eliminated by promoting B_TOK
-    assert out[f"vocab/promotion_max/L{K}"] == pytest.approx(4.0)
-    assert out["vocab/promotion_max/L0"] == 0.0 and out["vocab/promotion_rate/L0"] == 0.0  # no FFN signal at layer 0
-    assert out[f"vocab/promotion_rate/L{K}"] == pytest.approx(0.1)  # 1 of the 10 dominant units scores > 0
     assert record.tables["vocab/saturation_hist"].rows[K] == [K, 1.0]
+    # the saturation event at K: of the 10 dominant sub-updates, unit B_TOK scores m·(e_B·v_B) = 4 for the
+    # promoted token and 0 for A_TOK, ranked above it before the FFN: elimination by promotion
+    assert [out[f"vocab/promoted_{s}/L{K}"] for s in ("max", "mean", "min")] == pytest.approx([4.0, 0.4, 0.0])
+    assert [out[f"vocab/eliminated_{s}/L{K}"] for s in ("max", "mean", "min")] == pytest.approx([0.0, 0.0, 0.0])
+    # the layer's candidate is the top-1 before its FFN (A_TOK at layer K), not the outcome (B_TOK)
+    assert out[f"vocab/promotion_max/L{K}"] == 0.0 and out[f"vocab/promotion_rate/L{K}"] == 0.0
+    assert out["vocab/promotion_max/L0"] == 0.0 and out["vocab/promotion_rate/L0"] == 0.0  # no FFN signal at layer 0
+
+
+def test_predictive_early_exit_is_fitted_on_even_windows_and_scored_on_odd_ones():
+    # logit-lens confidence: p(A_TOK) = e²/(e² + 11) ≈ 0.40 before layer K, p(B_TOK) ≈ 0.88 from K on
+    v = scripted_view()
+    (a,) = build("vocab", v.shape, options={"vocab": {"position_stride": 4, "coherence_values": 4}})
+    record = measure(v, [a], torch.zeros(3, 16, dtype=torch.long), step=0)
+    out = record.values
+    assert out["vocab/exit_threshold"] == 0.5  # τ ≤ 0.4 exits at layer 0 on A_TOK: wrong on the fit windows
+    assert out["vocab/exit_accuracy"] == 1.0 and out["vocab/exit_saving"] == pytest.approx(1 - (K + 1) / L)
+    curve = {row[0]: row[1:] for row in record.tables["vocab/exit_curve"].rows}
+    assert curve[0.4] == [0.0, 0.0, pytest.approx(1 - 1 / L)] and curve[1.0] == [1.0, 1.0, 0.0]
+
+
+class OneUnit(nn.Module):
+    """One layer of 100 MLP units, each with coefficient 1; only unit 0 writes (100·e_C), so it alone
+    scores for the candidate C: 100 where the others score 0."""
+
+    C = 5
+
+    def __init__(self):
+        super().__init__()
+        self.resid, self.post = HookPoint(), HookPoint()
+
+    def forward(self, tokens):
+        B, T = tokens.shape
+        self.post(torch.ones(B, T, 100))
+        return self.resid(101 * torch.eye(D)[self.C].expand(B, T, D))
+
+
+def test_random_baseline_is_drawn_anew_at_every_position():
+    model = OneUnit()
+    values = torch.zeros(100, D)
+    values[0, OneUnit.C] = 100.0
+    v = FakeView(model, {"blocks.0.hook_resid_post": model.resid, "blocks.0.mlp.hook_post": model.post},
+                 torch.eye(D), d_mlp=100, values=values)
+    (a,) = build("vocab", v.shape, options={"vocab": {"coherence_values": 4}})
+    out = measure(v, [a], torch.zeros(64, 64, dtype=torch.long), step=0).values
+    # 10 draws of 100 units hit unit 0 with probability 1 − 0.99^10 ≈ 0.096: max ≈ 9.6, mean ≈ 100 × 0.01
+    assert 5 < out["vocab/random_max/L0"] < 14 and out["vocab/random_mean/L0"] == pytest.approx(1.0, abs=0.3)
+    assert out["vocab/promotion_max/L0"] == 100.0  # the dominant sub-updates include unit 0 everywhere
 
 
 def test_value_vector_set_to_an_unembedding_row_ranks_that_token_first():
