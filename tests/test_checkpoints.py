@@ -44,3 +44,15 @@ def test_crash_while_writing_leaves_previous_snapshots_intact(tmp_path, monkeypa
     assert not ck.snapshot_path(tmp_path, 1).exists()
     assert (tmp_path / "snapshots" / "manifest.jsonl").read_text() == before
     assert torch.equal(ck.load_snapshot(tmp_path, 0)["a"], w["a"])
+
+
+def test_tied_embeddings_snapshot_and_load_back(tmp_path):
+    from dynascope.analysis.view import TransformerView
+    from dynascope.train.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, vocab_size=50, context_length=8, tie_embeddings=True)
+    model = Transformer(cfg)
+    ck.write_snapshot(tmp_path, 0, model.state_dict(), {})
+    view = TransformerView.from_snapshot(cfg, ck.load_snapshot(tmp_path, 0))
+    assert view.model.unembed.weight is view.model.wte.weight
+    assert torch.equal(view.output_embeddings, model.unembed.weight)

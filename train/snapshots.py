@@ -42,7 +42,8 @@ def write_snapshot(run_dir: str | Path, step: int, state_dict: dict[str, torch.T
     """Write weights atomically (temporary file, then rename), then the manifest row, also atomically."""
     path = snapshot_path(run_dir, step)
     rows = read_manifest(run_dir)  # read first: a bad manifest stops us before anything is written
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    # copies: tied weights appear under two names sharing memory, which safetensors refuses
+    tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"step": str(step)})
         rows[step] = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta}
