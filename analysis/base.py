@@ -99,6 +99,7 @@ class Analysis(Metric):
     carry: ClassVar[tuple[str, ...]] = ()  # attributes kept across checkpoints, changed only by advance()
     reads: ClassVar[tuple[str, ...]] = ()  # analyses whose results of the same checkpoint compute() uses
     training_keys: ClassVar[tuple[str, ...]] = ()  # key prefixes measured on the training stream (online only)
+    final_keys: ClassVar[tuple[str, ...]] = ()  # key prefixes measured against the final checkpoint (offline only)
     curve_tables: ClassVar[tuple[str, ...]] = ()  # tables (x column, then one series per column) to plot per step
     full_state_update = False
 

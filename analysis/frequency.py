@@ -81,6 +81,7 @@ class Frequency(Analysis):
     headline = "frequency/r2_corpus"
     carry = ("prev_A", "prev_W", "prev_r2", "convergence")
     reads = ("outliers",)
+    final_keys = ("frequency/dist_to_final",)
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, min_count: int = 10, position_stride: int = 4,
                  skip_positions: int = 16, min_r2: float = 0.5, r2_tolerance: float = 0.02,

@@ -41,16 +41,24 @@ class Report:
     skipped: list[str] = field(default_factory=list)
 
 
-def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str], ModelView], probe: torch.Tensor,
-            names: str | list[str], context: AnalysisContext, out_dir: Path, batch_size: int, device: str,
-            options: dict[str, dict] | None = None) -> Report:
-    """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view."""
+def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str], ModelView], final: str,
+            probe: torch.Tensor, names: str | list[str], context: AnalysisContext, out_dir: Path, batch_size: int,
+            device: str, options: dict[str, dict] | None = None) -> Report:
+    """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view.
+    The `final` checkpoint's unembedding is the reference of distances to the end of training; it is
+    loaded first and, when it is among the checkpoints, reused at its turn."""
     report = Report(out_dir)
     recorder = Recorder(out_dir, [CsvTable(out_dir / "metrics.csv")], echo=tqdm.write)
+    cached: dict[str, ModelView] = {}
+    try:
+        cached[final] = load_view(final)
+        context.final_output_embeddings = cached[final].output_embeddings.detach().clone()
+    except DynascopeError as e:
+        tqdm.write(f"dynascope: no distances to the final checkpoint: {e}", file=sys.stderr)
     analyses: list[Analysis] = []
     for step, tokens_seen, label in tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt"):
         try:
-            view = load_view(label)
+            view = cached.pop(label) if label in cached else load_view(label)
         except DynascopeError as e:
             tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
             report.skipped.append(label)
@@ -94,8 +102,9 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
         return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
 
+
     checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
-    return _replay(checkpoints, load_view, probe, analyses, context, run_dir / "analysis",
+    return _replay(checkpoints, load_view, str(max(manifest)), probe, analyses, context, run_dir / "analysis",
                    batch_size or dynamics.get("batch_size", 16), device,
                    options if options is not None else dynamics.get("options"))
 
@@ -148,4 +157,5 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         return int(digits[-1]) if digits and labels is not None else i
 
     checkpoints = [(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)]
-    return _replay(checkpoints, load_view, probe, analyses, context, out_dir, batch_size, device, options)
+    return _replay(checkpoints, load_view, pairs[-1][0], probe, analyses, context, out_dir, batch_size, device,
+                   options)

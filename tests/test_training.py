@@ -52,7 +52,10 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tiny_run):
     judged = {s: online[s]["sparsity/dead_window_tokens"] for s in online if "sparsity/dead_window_tokens" in online[s]}
     assert judged == {2: 256, 4: 256, 6: 256} and all(0 <= online[s]["sparsity/dead_frac/L0"] < 1 for s in judged)
     assert online[4]["sparsity/interval_grad_norm_max"] > 0
-    assert [r["step"] for r in read_csv(run / "analysis" / "metrics.csv")] == sorted(manifest)
+    offline = {r["step"]: r for r in read_csv(run / "analysis" / "metrics.csv")}
+    assert sorted(offline) == sorted(manifest)
+    assert offline[7]["frequency/dist_to_final"] == 0 < offline[4]["frequency/dist_to_final"] < offline[0][
+        "frequency/dist_to_final"]  # measured against the last snapshot, offline
     assert len((run / "tables" / "regions__median_curve.jsonl").read_text().splitlines()) == len(manifest)
 
 
