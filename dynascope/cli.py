@@ -5,6 +5,7 @@
     dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
     dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR ... --out OUT_DIR
     dynascope plot RUN_DIR
+    dynascope report RUN_DIR [--out DIR]
 
 Only `fit` imports Lightning; the other commands load what they need when they run.
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "batch": "print the text a training step saw",
     "analyze": "replay analyses over a run's snapshots or over Hugging Face checkpoints",
     "plot": "draw a run's emergence curves",
+    "report": "write one page with each paper's figures for a run (or an `analyze --hf` output directory)",
 }
 
 
@@ -110,6 +112,16 @@ def _plot(argv: list[str]) -> None:
     print(f"overview: {plot_run(a.run)}")
 
 
+def _report(argv: list[str]) -> None:
+    from dynascope.analysis.report import write_report
+
+    p = argparse.ArgumentParser(prog="dynascope report", description=COMMANDS["report"])
+    p.add_argument("run", help="run directory, or the --out directory of `dynascope analyze --hf`")
+    p.add_argument("--out", help="where to write index.html and its PNGs (default: the analysis's report/)")
+    a = p.parse_args(argv)
+    print(f"report: {write_report(a.run, a.out)}")
+
+
 def _fit(argv: list[str]) -> None:
     from dynascope.train.cli import fit_cli
 
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"dynascope: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "plot": _plot}
+    handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "plot": _plot,
+                "report": _report}
     try:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
     except DynascopeError as e:

@@ -7,6 +7,7 @@ from conftest import make_text
 transformers = pytest.importorskip("transformers")
 
 from dynascope.analysis.records import read_csv  # noqa: E402
+from dynascope.analysis.report import write_report  # noqa: E402
 from dynascope.analysis.runner import analyze_hf  # noqa: E402
 from dynascope.analysis.view import HFModelView  # noqa: E402
 from dynascope.train.data import DataConfig, train_tokenizer  # noqa: E402
@@ -67,8 +68,8 @@ def test_analyze_hf_runs_on_saved_checkpoints(tmp_path, capsys):
         fast.save_pretrained(d)
         dirs.append(d)
     labels = ["step0", "step100", "step200"]
-    report = analyze_hf(dirs, tmp_path / "out", labels, "basic", DataConfig(source="files", paths=[str(corpus)]),
-                        n_windows=8, context_length=32)
+    report = analyze_hf(dirs, tmp_path / "out", labels, "all", DataConfig(source="files", paths=[str(corpus)]),
+                        n_windows=8, context_length=48)
     assert [r.step for r in report.records] == [0, 100, 200] and not report.skipped
     for r, d in zip(report.records, dirs, strict=True):
         v = HFModelView.from_dir(d)
@@ -76,6 +77,10 @@ def test_analyze_hf_runs_on_saved_checkpoints(tmp_path, capsys):
         assert r.values["basic/unembed_row_norm_mean"] == pytest.approx(norm, rel=1e-6)
         assert 5.0 < r.values["basic/probe_loss"] < 6.5  # ~log(320) for random models
     assert (tmp_path / "out" / "metrics.csv").exists() and (tmp_path / "out" / "probe.safetensors").exists()
+    distance = [r.values["frequency/dist_to_final"] for r in report.records]  # to the last checkpoint given
+    assert distance[-1] == 0 < distance[0]
+    page = write_report(tmp_path / "out").read_text()  # the same page as for a run, against the labels' steps
+    assert "checkpoints: step0, step100, step200" in page and "003 · Stable regions" in page
 
 
 def test_analyze_command_uploads_the_table_to_wandb(tmp_path, capsys):
