@@ -24,6 +24,7 @@ other state.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -188,19 +189,31 @@ def resolve(names: str | list[str]) -> list[str]:
     return names
 
 
+def check_options(options: dict[str, dict]) -> None:
+    """Every analysis named in `options` is registered and takes each option given for it."""
+    unknown = sorted(set(options) - set(REGISTRY))
+    if unknown:
+        raise DynascopeError(f"dynamics.options names unknown analyses {unknown}; registered: {', '.join(REGISTRY)}")
+    for name, kwargs in options.items():
+        if not isinstance(kwargs, dict):
+            raise DynascopeError(f"dynamics.options.{name}={kwargs!r}: give a mapping of option names to values")
+        accepted = list(inspect.signature(REGISTRY[name]).parameters)[2:]  # after the shape and the context
+        bad = sorted(set(kwargs) - set(accepted))
+        if bad:
+            raise DynascopeError(f"dynamics.options.{name}: unknown option(s) {bad}; {name} takes {accepted}")
+
+
 def build(names: str | list[str], shape: ModelShape, context: AnalysisContext | None = None,
           options: dict[str, dict] | None = None, device: torch.device | str = "cpu") -> list[Analysis]:
     """Instantiate analyses; `options` maps an analysis name to keyword arguments of its constructor."""
     options = options or {}
-    unknown = sorted(set(options) - set(REGISTRY))
-    if unknown:
-        raise DynascopeError(f"options given for unknown analyses {unknown}; registered: {', '.join(REGISTRY)}")
+    check_options(options)
     context = context or AnalysisContext()
     analyses = []
     for name in resolve(names):
         try:
             analyses.append(REGISTRY[name](shape, context, **options.get(name, {})).to(device))
-        except TypeError as e:
-            raise DynascopeError(f"bad options for analysis {name!r} {options.get(name)}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise DynascopeError(f"dynamics.options.{name}={options.get(name)}: {e}") from None
     return analyses
 

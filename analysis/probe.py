@@ -38,7 +38,11 @@ def save_probe(path: str | Path, tokens: torch.Tensor) -> None:
 def load_probe(path: str | Path) -> torch.Tensor:
     if not Path(path).is_file():
         raise DynascopeError(f"probe set {path} not found; it is written by the first analysis of `dynascope fit`")
-    return load_file(str(path))["tokens"]
+    try:
+        return load_file(str(path))["tokens"]
+    except Exception as e:  # safetensors raises several types for bad headers and truncation
+        raise DynascopeError(f"probe set {path} cannot be read ({e}); restore it from a copy of the run, or "
+                             "delete it to draw a new one (offline values will then differ)") from None
 
 
 def shard(tokens: torch.Tensor, rank: int, world_size: int, unit: int = 1) -> tuple[torch.Tensor, int]:

@@ -72,6 +72,16 @@ class Recorder:
             for sink in self.sinks:
                 sink.log_table(key, table, record.step)
 
+    def rewind(self, step: int) -> None:
+        """Forget what was recorded after `step` in the tables (sinks rewind themselves)."""
+        rewind_tables(self.directory / "tables", step)
+
+
+def rewind_tables(directory: str | Path, step: int) -> None:
+    """Drop every table entry after `step` (a resumed run measures those steps again)."""
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        write_jsonl(path, [e for e in read_table(path) if e["step"] <= step])
+
 
 def update_summary(path: str | Path, values: dict[str, float | None]) -> dict:
     """Merge `values` into the JSON summary at `path` (written atomically); returns the whole summary."""

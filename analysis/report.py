@@ -28,7 +28,7 @@ from dynascope.analysis.plots import (
     time_colors,
 )
 from dynascope.analysis.records import read_table, table_path
-from dynascope.io import atomic_path, read_json, read_yaml
+from dynascope.io import atomic_path, ensure_writable, read_json, read_yaml
 
 REPORT_DIR = "report"
 
@@ -397,8 +397,7 @@ def _header(run: RunData) -> str:
 def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the report page of a run directory or an `analyze --hf` output directory; returns its path."""
     run = RunData.load(directory)
-    out = Path(out_dir) if out_dir else run.tables.parent / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(Path(out_dir) if out_dir else run.tables.parent / REPORT_DIR)
     body = [f"<h1>{html.escape(run.name)}</h1><p class='meta'>{_header(run)}</p>",
             "<h2>Emergence and convergence</h2>", _events(run)]
     for title, paper, name, figures, text in SECTIONS:

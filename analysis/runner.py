@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from dynascope.analysis.base import Analysis, AnalysisContext, build
@@ -28,9 +27,10 @@ from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_
 from dynascope.analysis.records import CsvTable, Recorder
 from dynascope.analysis.view import HFModelView, ModelView, TransformerView
 from dynascope.errors import DynascopeError
-from dynascope.io import read_yaml
-from dynascope.train.data import EOS, Corpus, DataConfig, prepare_corpus
+from dynascope.io import ensure_writable, read_yaml
+from dynascope.train.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.train.model import ModelConfig
+from dynascope.train.rundir import trajectory_hash
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
 
@@ -47,7 +47,7 @@ def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str]
     """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view.
     The `final` checkpoint's unembedding is the reference of distances to the end of training; it is
     loaded first and, when it is among the checkpoints, reused at its turn."""
-    report = Report(out_dir)
+    report = Report(ensure_writable(out_dir))
     recorder = Recorder(out_dir, [CsvTable(out_dir / "metrics.csv")], echo=tqdm.write)
     cached: dict[str, ModelView] = {}
     try:
@@ -88,7 +88,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
     if missing:
         raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
     chosen = sorted(steps or manifest)
-    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json")) if (run_dir / "tokenizer.json").exists() else None
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else None
     if (run_dir / "counts.npy").exists():
         counts = np.load(run_dir / "counts.npy")
     else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
@@ -96,10 +96,15 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
     eos = (config.get("data") or {}).get("eos_token") or EOS
     context = AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
 
+    trajectory = trajectory_hash(config)
+
     def load_view(label: str) -> ModelView:
         step = int(label)
         if manifest[step].get("config_hash") not in (None, arch.hash()):
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} was written by another model config")
+        if manifest[step].get("trajectory_hash") not in (None, trajectory):
+            raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} belongs to another trajectory than "
+                                 f"{run_dir / 'config.yaml'} (the manifest's trajectory_hash differs)")
         return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
 
 
@@ -138,11 +143,10 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         raise DynascopeError(f"--labels has {len(labels)} entries for {len(dirs)} model directories")
     pairs = list(zip(labels, dirs, strict=True)) if labels else sorted(((d.name, d) for d in dirs),
                                                                        key=lambda p: _natural_key(p[0]))
+    out_dir = ensure_writable(out_dir)
     data = data or DataConfig()
     data.tokenizer, data.eos_token = str(pairs[0][1] / "tokenizer.json"), _hf_eos(pairs[0][1])
     corpus = Corpus(prepare_corpus(data))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     context_length = min(context_length, HFModelView.max_positions(pairs[0][1]))
     probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
     save_probe(out_dir / PROBE_FILE, probe)

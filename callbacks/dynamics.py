@@ -20,12 +20,13 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from dynascope.analysis import build, resolve
-from dynascope.analysis.base import Analysis, AnalysisContext, Table
+from dynascope.analysis.base import Analysis, AnalysisContext, Table, check_options
 from dynascope.analysis.measure import measure
 from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe, shard
 from dynascope.analysis.records import Recorder, Sink
 from dynascope.analysis.view import TransformerView
 from dynascope.callbacks.snapshots import OnSchedule, Snapshots
+from dynascope.errors import require
 from dynascope.train.schedule import CheckpointSchedule
 
 
@@ -61,6 +62,9 @@ class DynamicsCallback(OnSchedule):
         """
         self.names = resolve(analyses)
         self.options = options or {}
+        check_options(self.options)
+        require(probe_windows >= 1, "dynamics.probe_windows", probe_windows, "must be a positive number of windows")
+        require(batch_size >= 1, "dynamics.batch_size", batch_size, "must be a positive integer")
         self.probe_windows, self.probe_seed, self.batch_size = probe_windows, probe_seed, batch_size
         self.analyses: list[Analysis] = []
         self._saved: dict[str, dict[str, Any]] = {}
@@ -97,6 +101,8 @@ class DynamicsCallback(OnSchedule):
                                if torch.is_grad_enabled() else None)
             for a in self.analyses for name in a.training_hook_names()]
         self._stepped = trainer.global_step
+        if trainer.ckpt_path is not None and trainer.is_global_zero:  # resumed: tables continue from its step
+            self.recorder.rewind(trainer.global_step)
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,40 +1,132 @@
-"""Full resume checkpoints: Lightning's format with optimizer, loops, RNG and callback state.
+"""Full resume checkpoints (Lightning's format: optimizer, loops, RNG and callback state), stopping
+cleanly on a signal, and rewinding the run's records when a run resumes.
 
-They live in RUN_DIR/checkpoints/, are sparser than snapshots and only serve `--ckpt_path last`.
+Checkpoints live in RUN_DIR/checkpoints/: `step_XXXXXXXX.ckpt` every `every_n_steps` steps, and
+`last.ckpt`, the newest (a hard link to the newest step file, or a file of its own at the end of
+training or on a signal). Every file is written to a temporary name and renamed (`AtomicCheckpointIO`),
+so a save cut short leaves the previous checkpoints whole. `ResumeCheckpoints` is a Lightning
+`Checkpoint`, which Lightning runs after every other callback: a checkpoint holds the step's snapshot
+and analysis state.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from dynascope.errors import require
+from dynascope.io import atomic_path, read_jsonl
 
 
-class ResumeCheckpoints(ModelCheckpoint):
-    """Full Lightning checkpoints in RUN_DIR/checkpoints every `every_n_steps` steps, at the end of
-    training, and on SIGTERM or SIGUSR1 (under SLURM, Lightning's own SIGUSR1 requeue handler wins)."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing to a temporary file that is renamed over the target."""
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class ResumeCheckpoints(Checkpoint):
     def __init__(self, every_n_steps: int = 1000):
-        """Full checkpoints for resuming.
+        """Full checkpoints for resuming, and a clean stop on SIGTERM or SIGUSR1 (Slurm's warning before a
+        time limit: the job also requeues itself).
 
         Args:
-            every_n_steps: Period of the checkpoints in optimizer steps.
+            every_n_steps: Period of the checkpoints in optimizer steps (0: only at the end and on a signal).
         """
-        super().__init__(filename="step_{step:08d}", auto_insert_metric_name=False, every_n_train_steps=every_n_steps,
-                         save_top_k=-1, save_last=True)
-        self._signalled = False
+        require(every_n_steps >= 0, "checkpoints.every_n_steps", every_n_steps, "must be 0 (none) or a positive period")
+        self.every_n_steps = every_n_steps
+        self.signalled: int | None = None  # the signal this rank received, if any
+        self.stopped_by: int | None = None  # the signal that stopped training, once all ranks agreed
+        self._seen_step = -1
+        self._saved_step = -1
+        self._previous_handler: Any = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.dirpath is None:
-            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
-        super().setup(trainer, pl_module, stage)
-        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "_signalled", True))
+        self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
-        if self._signalled or trainer.received_sigterm:
-            self._signalled = False
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = signum  # only a flag: the checkpoint is saved at the end of the batch, on every rank
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._seen_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # a micro-batch under gradient accumulation: nothing stepped
+        self._seen_step = step
+        signalled = self.signalled or (signal.SIGTERM if trainer.received_sigterm else None)
+        stop = trainer.strategy.reduce_boolean_decision(signalled is not None, all=False)  # any rank: all ranks
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self._save(trainer, f"step_{step:08d}.ckpt")
+        elif stop:
+            self._save(trainer, "last.ckpt")
+        if stop:
+            self.stopped_by = signalled or signal.SIGTERM
+            if self.stopped_by == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
+                _requeue()
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._saved_step != trainer.global_step:
+            self._save(trainer, "last.ckpt")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # SIGTERM reached another rank between batches: Lightning stops every rank there, still in step
+        if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
+            self._save(trainer, "last.ckpt")
+            self.stopped_by = signal.SIGTERM
+
+    def _save(self, trainer: L.Trainer, name: str) -> None:
+        """Save on every rank (a collective under sharded strategies); `last.ckpt` then names the newest."""
+        path = self.dirpath / name
+        trainer.save_checkpoint(path)
+        self._saved_step = trainer.global_step
+        if trainer.is_global_zero and name != "last.ckpt":
+            with atomic_path(self.dirpath / "last.ckpt") as tmp:
+                try:
+                    os.link(path, tmp)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(path, tmp)
+        trainer.strategy.barrier("dynascope_checkpoint")
+        rank_zero_info(f"dynascope: resume checkpoint at step {trainer.global_step}: {path}")
+
+
+def _requeue() -> None:
+    """Put this Slurm job back in the queue; Slurm then ends the running one."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    rank_zero_info(f"dynascope: requeued Slurm job {job}" if result.returncode == 0 else
+                   f"dynascope: scontrol requeue {job} failed: {result.stderr.strip()}")
+
+
+class RewindOnResume(L.Callback):
+    """A resumed run continues its records from the checkpoint's step: what was logged after it belongs
+    to the part of the trajectory that was lost, and is logged again as it is replayed."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is None or not trainer.is_global_zero:
+            return
+        logged = read_jsonl(Path(trainer.default_root_dir) / "metrics.jsonl", "metrics log")
+        replayed_through = max((r["trainer/global_step"] for r in logged), default=trainer.global_step)
+        for logger in trainer.loggers:
+            if hasattr(logger, "rewind"):
+                logger.rewind(trainer.global_step, replayed_through)

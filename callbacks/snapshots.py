@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 
+from dynascope.errors import require
 from dynascope.train.schedule import CheckpointSchedule
 from dynascope.train.snapshots import write_snapshot
 
@@ -48,7 +49,10 @@ class Snapshots(OnSchedule):
             log_cap: Last power-of-two step of the log-spaced part.
             every: Period in steps after log_cap (0: none).
         """
+        require(log_cap >= 0, "snapshots.log_cap", log_cap, "must be 0 or more")
+        require(every >= 0, "snapshots.every", every, "must be 0 (no periodic snapshots) or a positive period")
         self.schedule = CheckpointSchedule(log_cap, every)
+        self.trajectory_hash: str | None = None  # of the run's trajectory settings, set by `dynascope fit`
 
     def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
         # Collective under FSDP (gathers full weights), so every rank calls it; only rank 0 writes.
@@ -56,5 +60,5 @@ class Snapshots(OnSchedule):
         if trainer.is_global_zero:
             weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
             meta = {"tokens_seen": pl_module.tokens_seen(step), "lr": trainer.optimizers[0].param_groups[0]["lr"],
-                    "config_hash": pl_module.arch.hash()}
+                    "config_hash": pl_module.arch.hash(), "trajectory_hash": self.trajectory_hash}
             write_snapshot(trainer.default_root_dir, step, weights, meta)

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from dynascope.errors import DynascopeError
+from dynascope.errors import DynascopeError, Interrupted
 
 COMMANDS = {
     "fit": "pretrain a model, snapshotting and analysing it on a schedule (`dynascope fit --help`: every option)",
@@ -26,6 +26,34 @@ COMMANDS = {
     "plot": "draw a run's emergence curves",
     "report": "write one page with each paper's figures for a run (or an `analyze --hf` output directory)",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one-line DynascopeErrors instead of a usage dump."""
+
+    def error(self, message: str):
+        raise DynascopeError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise DynascopeError(f"--steps {text!r}: give comma-separated step numbers, e.g. 0,64,128") from None
+    if any(s < 0 for s in steps):
+        raise DynascopeError(f"--steps {text!r}: steps are 0 or more")
+    return steps
+
+
+def _json_options(text: str) -> dict:
+    """argparse type of --options: a JSON object (errors keep their message: ArgumentTypeError)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError("give a JSON object of analysis names to their options")
+    return options
 
 
 def _usage() -> str:
@@ -40,7 +68,7 @@ def _prepare(argv: list[str]) -> None:
     from dynascope.io import read_yaml
     from dynascope.train.data import DataConfig, prepare_corpus
 
-    p = argparse.ArgumentParser(prog="dynascope prepare", description=COMMANDS["prepare"])
+    p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"])
     p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
     a = p.parse_args(argv)
     print(prepare_corpus(DataConfig.from_config(read_yaml(a.config))))
@@ -49,7 +77,7 @@ def _prepare(argv: list[str]) -> None:
 def _batch(argv: list[str]) -> None:
     from dynascope.train.data import batch_text
 
-    p = argparse.ArgumentParser(prog="dynascope batch", description=COMMANDS["batch"])
+    p = _Parser(prog="dynascope batch", description=COMMANDS["batch"])
     p.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `dynascope fit`)")
     p.add_argument("--step", type=int, required=True, help="global step (0-based optimizer step)")
     p.add_argument("--rank", type=int, default=0)
@@ -67,7 +95,7 @@ def _analyze(argv: list[str]) -> None:
     from dynascope.train.data import DataConfig
     from dynascope.train.loggers import upload_to_wandb
 
-    p = argparse.ArgumentParser(prog="dynascope analyze", description=COMMANDS["analyze"])
+    p = _Parser(prog="dynascope analyze", description=COMMANDS["analyze"])
     p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
     p.add_argument("--hf", nargs="+", metavar="MODEL_DIR", help="local Hugging Face model directories instead")
     p.add_argument("--out", help="output directory (required with --hf)")
@@ -76,7 +104,7 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
     p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
     p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
-    p.add_argument("--options", type=json.loads,
+    p.add_argument("--options", type=_json_options,
                    help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
     p.add_argument("--no-plot", action="store_true", help="skip the plots (draw them later with `dynascope plot`)")
     p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
@@ -89,8 +117,8 @@ def _analyze(argv: list[str]) -> None:
         report = analyze_hf(a.hf, a.out, a.labels.split(",") if a.labels else None, a.analyses, data,
                             batch_size=a.batch_size or 16, device=a.device, options=a.options)
     elif a.run:
-        steps = [int(s) for s in a.steps.split(",")] if a.steps else None
-        report = analyze_run(a.run, a.analyses, steps, a.batch_size, a.device, a.options)
+        report = analyze_run(a.run, a.analyses, _steps(a.steps) if a.steps else None, a.batch_size, a.device,
+                             a.options)
     else:
         p.error("give a run directory or --hf MODEL_DIR ...")
     print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.records)} checkpoints)")
@@ -106,7 +134,7 @@ def _analyze(argv: list[str]) -> None:
 def _plot(argv: list[str]) -> None:
     from dynascope.analysis.plots import plot_run
 
-    p = argparse.ArgumentParser(prog="dynascope plot", description=COMMANDS["plot"])
+    p = _Parser(prog="dynascope plot", description=COMMANDS["plot"])
     p.add_argument("run", help="run directory (or --hf output directory of `dynascope analyze`)")
     a = p.parse_args(argv)
     print(f"overview: {plot_run(a.run)}")
@@ -115,7 +143,7 @@ def _plot(argv: list[str]) -> None:
 def _report(argv: list[str]) -> None:
     from dynascope.analysis.report import write_report
 
-    p = argparse.ArgumentParser(prog="dynascope report", description=COMMANDS["report"])
+    p = _Parser(prog="dynascope report", description=COMMANDS["report"])
     p.add_argument("run", help="run directory, or the --out directory of `dynascope analyze --hf`")
     p.add_argument("--out", help="where to write index.html and its PNGs (default: the analysis's report/)")
     a = p.parse_args(argv)
@@ -123,9 +151,14 @@ def _report(argv: list[str]) -> None:
 
 
 def _fit(argv: list[str]) -> None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from dynascope.train.cli import fit_cli
 
-    fit_cli(None if argv == sys.argv[1:] else argv)  # LightningCLI reads sys.argv itself when run as a command
+    try:
+        fit_cli(None if argv == sys.argv[1:] else argv)  # LightningCLI reads sys.argv itself when run as a command
+    except SIGTERMException:  # Lightning ends a SIGTERM'd run with a plain SystemExit (status 0)
+        raise Interrupted("training stopped by SIGTERM; resume with --ckpt_path last", 128 + 15) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,9 +173,12 @@ def main(argv: list[str] | None = None) -> None:
                 "report": _report}
     try:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
-    except DynascopeError as e:
-        print(f"dynascope: error: {e}", file=sys.stderr)
+    except (DynascopeError, argparse.ArgumentError) as e:
+        print(f"dynascope: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"dynascope: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,21 @@
-"""The one exception type the CLI turns into a one-line message instead of a traceback."""
+"""The exceptions the CLI turns into a one-line message instead of a traceback."""
+
+from __future__ import annotations
 
 
-class DynascopeError(Exception):
+class DynascopeError(ValueError):
     """Bad input or state the user can fix; the message names the file or option and what to do."""
+
+
+class Interrupted(Exception):
+    """Training stopped before trainer.max_steps (a signal or a requeue); its checkpoint is saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def require(ok: bool, option: str, value: object, expected: str) -> None:
+    """Raise a DynascopeError naming `option` and its `value` unless `ok`."""
+    if not ok:
+        raise DynascopeError(f"{option}={value!r}: {expected}")

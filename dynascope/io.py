@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_writable(directory: str | Path) -> Path:
+    """Create `directory` if needed and check that files can be written in it, before any work is done."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check"):
+            pass
+    except OSError as e:
+        raise DynascopeError(f"{directory} is not writable ({e.strerror}); make it writable or write "
+                             "elsewhere") from None
+    return directory
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

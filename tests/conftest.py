@@ -1,5 +1,7 @@
+import logging
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,26 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_CONSOLE", "off")  # no stdout wrapping: tests read what dynascope prints
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+
+class _CurrentStderr:
+    """Lightning's log handlers keep the stderr of the moment they were made, which pytest closes after
+    that test; this always writes to the current one (so capsys sees it and nothing writes to a closed file)."""
+
+    def write(self, text: str) -> None:
+        sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _log_to_current_stderr():
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)] + [logging.root]
+    for handler in (h for log in loggers for h in getattr(log, "handlers", [])):
+        if type(handler) is logging.StreamHandler and not isinstance(handler.stream, _CurrentStderr):
+            handler.stream = _CurrentStderr()  # not setStream: it flushes the old stream, which may be closed
 
 WORDS = ("the a cat dog sat ran on under mat tree house river quickly slowly red blue small large "
          "bird fish king queen stone water fire light dark morning evening song word").split()

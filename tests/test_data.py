@@ -47,40 +47,10 @@ def test_embedded_corpora_are_verified_and_parsed():
     assert kjv[0].startswith("In the beginning God created the heaven") and "1:1" not in kjv[0]
 
 
-def _error(capsys, args) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("dynascope: error:")]
-    assert len(lines) == 1 and "Traceback" not in err
-    return lines[0]
-
-
-def test_bad_inputs_give_one_line_errors(capsys, tmp_path, corpus_file):
-    from conftest import tiny_args
-
-    def fit(*extra):
-        return tiny_args(corpus_file, tmp_path / "run", 2, *extra)
-
-    missing = tmp_path / "nope.txt"
-    assert str(missing) in _error(capsys, fit("--data.paths", f"[{missing}]"))
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n\n  \n")
-    assert "contains no text" in _error(capsys, fit("--data.paths", f"[{empty}]"))
-    short = tmp_path / "short.txt"
-    short.write_text("A cat sat on the mat.\n\nThe dog ran.\n")
-    msg = _error(capsys, fit("--data.paths", f"[{short}]"))
-    assert "fewer than one window" in msg and "context_length" in msg
-    msg = _error(capsys, fit("--model.arch.vocab_size", "64", "--data.vocab_size", "200"))
-    assert "model.arch.vocab_size=64" in msg
-    assert not (tmp_path / "run" / "snapshots").exists()
-
-
 def test_batch_command_prints_the_text_of_a_step(capsys, tmp_path, corpus_file):
     from conftest import tiny_args
 
-    main(tiny_args(corpus_file, tmp_path / "run", 1))
+    main(tiny_args(corpus_file, tmp_path / "run", 4, "--dynamics.analyses", "basic"))
     capsys.readouterr()
     main(["batch", "--run", str(tmp_path / "run"), "--step", "3"])
     out = capsys.readouterr().out

@@ -17,6 +17,7 @@ from dynascope.analysis.records import read_csv, read_metrics
 from dynascope.cli import main
 from dynascope.train.cli import fit_cli
 from dynascope.train.loggers import finish_wandb
+from dynascope.train.rundir import release_locks
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
 
 
@@ -103,6 +104,7 @@ def test_resumed_run_matches_uninterrupted_run_at_every_step(tmp_path, corpus_fi
     cli.trainer.callbacks.append(StopAt(4))
     cli.trainer.fit(cli.model, cli.datamodule)
     finish_wandb(cli.trainer)
+    release_locks()
     assert sorted(losses(part)) == [0, 1, 2, 3]
     fit_cli(tiny_args(corpus_file, part, 8, "--ckpt_path", "last"))
     assert losses(part) == losses(full)  # exact equality, fp32 on CPU
@@ -134,26 +136,6 @@ def test_two_process_cpu_ddp_run(tmp_path, corpus_file):
     assert "regions/sharpness_median" in keys
     for k in keys:
         assert two[k] == pytest.approx(one[k], rel=1e-5, nan_ok=True), k
-
-
-def test_sigterm_writes_a_resume_checkpoint(tmp_path, corpus_file):
-    import signal
-    import time
-
-    run = tmp_path / "run"
-    exe = Path(sys.executable).parent / "dynascope"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([str(exe), *tiny_args(corpus_file, run, 100000, "--dynamics.analyses", "basic")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / "snapshots" / "step_00000006.safetensors").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert time.time() < deadline, "no snapshot at step 6 within 120 s"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
-    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert 6 <= ckpt["global_step"] < 100000
-    assert ckpt["global_step"] >= max(read_manifest(run))  # nothing snapshotted beyond what can be resumed
 
 
 def test_one_off_events_reach_the_wandb_summary_and_summary_json(tmp_path, corpus_file, capsys):

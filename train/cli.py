@@ -8,19 +8,24 @@ each. The run directory is trainer.default_root_dir.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
+import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from dynascope.callbacks.dynamics import DynamicsCallback
-from dynascope.callbacks.resume import ResumeCheckpoints
+from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume
 from dynascope.callbacks.snapshots import Snapshots
+from dynascope.errors import Interrupted, require
 from dynascope.train.data import DataConfig
 from dynascope.train.datamodule import CorpusDataModule
-from dynascope.train.loggers import JsonlLogger, finish_wandb, make_wandb_logger
+from dynascope.train.loggers import JsonlLogger, finish_wandb, finish_wandb_run, make_wandb_logger
 from dynascope.train.module import LanguageModel
+from dynascope.train.rundir import RunLock, prepare_run_dir, release_locks, resolve_checkpoint, trajectory_hash
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the config dataclasses in --help
 
@@ -40,29 +45,76 @@ class DynascopeCLI(LightningCLI):
         parser.add_lightning_class_args(ResumeCheckpoints, "checkpoints")
         parser.add_lightning_class_args(DynamicsCallback, "dynamics")
         parser.add_argument("--wandb_project", default="dynascope", help="wandb project of the run")
+        parser.add_argument("--start_over", type=bool, default=False,
+                            help="start a new run in a directory that holds one, moving the old run aside")
+
+    def _parse_ckpt_path(self) -> None:
+        """Not Lightning's: a checkpoint's hyperparameters must not override the config. The run directory's
+        own check compares the whole trajectory with the run's config.yaml instead (rundir.py)."""
 
     def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate_classes(self.config)
+        self.config_init = self.parser.instantiate_classes(self.config)  # validates every setting
         self.datamodule = CorpusDataModule(self._get(self.config_init, "data"))
         self.model = self._get(self.config_init, "model")
+        self._hold_run_dir()  # after validation, before the loggers and the trainer write anything
         self.trainer = self.instantiate_trainer()
+
+    def _hold_run_dir(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        require(isinstance(config.trainer.max_steps, int) and config.trainer.max_steps >= 1, "trainer.max_steps",
+                config.trainer.max_steps, "must be a positive number of optimizer steps")
+        run_dir = Path(config.trainer.default_root_dir or "runs/default")
+        self._get(self.config_init, "trainer")["default_root_dir"] = config.trainer.default_root_dir = str(run_dir)
+        # every rank resumes from the same file: the newest complete checkpoint (no subcommand: run=False)
+        ckpt_path = resolve_checkpoint(run_dir, config.get("ckpt_path"))
+        if self.subcommand:
+            config.ckpt_path = self.config_init[self.subcommand].ckpt_path = ckpt_path
+        resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        self._get(self.config_init, "snapshots").trajectory_hash = trajectory_hash(resolved)
+        if rank_zero_only.rank == 0:  # rank 0 checks and holds the run directory
+            self.run_lock = RunLock(run_dir)
+            prepare_run_dir(run_dir, resolved, ckpt_path, config.start_over)
+            if not self.run_lock.path.exists():  # the old run (and its lock) moved aside
+                self.run_lock.release()
+                self.run_lock = RunLock(run_dir)
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_cfg = config["trainer"]
-        run_dir = Path(trainer_cfg.get("default_root_dir") or "runs/default")
-        trainer_cfg["default_root_dir"] = str(run_dir)
+        run_dir = Path(trainer_cfg["default_root_dir"])
         if trainer_cfg.get("logger") in (None, True):
             trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(run_dir, config["wandb_project"])]
         throughput = ThroughputMonitor(batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(),
                                        window_size=10)
-        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput]
+        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput, RewindOnResume()]
+        trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         finish_wandb(self.trainer)
+        trainer = self.trainer
+        if trainer.global_step < trainer.max_steps:
+            signum = next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoints)), None)
+            raise interrupted(trainer, signum)
+
+
+def interrupted(trainer, signum: int | None) -> Interrupted:
+    """The error a run stopped before max_steps ends with: it names the checkpoint to resume from."""
+    by = f" by {signal.Signals(signum).name}" if signum else ""
+    return Interrupted(f"training stopped{by} at step {trainer.global_step} of {trainer.max_steps}; resume with "
+                       f"--ckpt_path last (checkpoint: {Path(trainer.default_root_dir) / 'checkpoints' / 'last.ckpt'})",
+                       128 + signum if signum else 1)
 
 
 def fit_cli(args: list[str] | None = None, run: bool = True) -> DynascopeCLI:
-    return DynascopeCLI(LanguageModel, None, args=args, run=run, auto_configure_optimizers=False,
-                        save_config_kwargs={"overwrite": True}, parser_kwargs={"parser_mode": "omegaconf"})
+    """`dynascope fit`; with `run=False` the trainer is built but not run, and the run directory stays held
+    by this process until `release_locks()`."""
+    try:
+        return DynascopeCLI(LanguageModel, None, args=args, run=run, auto_configure_optimizers=False,
+                            save_config_kwargs={"overwrite": True},
+                            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,
+                                           "fit": {"exit_on_error": False}})
+    finally:
+        if run:  # a fit that ended, however it ended, holds nothing: its directory, its wandb run
+            release_locks()
+            finish_wandb_run()

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import IterableDataset
 
-from dynascope.errors import DynascopeError
+from dynascope.errors import DynascopeError, require
 from dynascope.io import read_yaml
 
 EOS = "<|endoftext|>"
@@ -82,6 +82,17 @@ class DataConfig:
     CORPUS_FIELDS: ClassVar[tuple[str, ...]] = ("source", "corpus", "paths", "hf_name", "hf_config", "hf_split",
                                                 "hf_max_docs", "text_column", "tokenizer", "eos_token", "vocab_size",
                                                 "val_fraction")
+
+    def __post_init__(self) -> None:
+        require(self.source in ("embedded", "files", "hf"), "data.source", self.source, "choose embedded, files or hf")
+        require(self.source != "embedded" or self.corpus in ("wiki", "kjv", "both"), "data.corpus", self.corpus,
+                "choose wiki, kjv or both")
+        require(self.tokenizer is not None or self.vocab_size >= 257, "data.vocab_size", self.vocab_size,
+                "a byte-level BPE needs at least 257 tokens (256 bytes and the end-of-document token)")
+        require(0 < self.val_fraction < 1, "data.val_fraction", self.val_fraction, "must lie between 0 and 1")
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be a positive integer")
+        require(self.hf_max_docs is None or self.hf_max_docs >= 1, "data.hf_max_docs", self.hf_max_docs,
+                "must be a positive integer, or unset for the whole split")
 
     @classmethod
     def from_config(cls, config: dict) -> DataConfig:
@@ -141,8 +152,6 @@ def load_documents(cfg: DataConfig):
 
     if cfg.source == "embedded":
         names = ["wiki", "kjv"] if cfg.corpus == "both" else [cfg.corpus]
-        if any(n not in EMBEDDED for n in names):
-            raise DynascopeError(f"data.corpus {cfg.corpus!r}: choose wiki, kjv or both")
         texts = [t for n in names for t in _embedded_documents(n)]
         return datasets.Dataset.from_dict({"text": texts})
     if cfg.source == "files":
@@ -159,23 +168,48 @@ def load_documents(cfg: DataConfig):
             raise DynascopeError(f"data.paths mix file kinds {sorted(builders)}; give files of one kind")
         builder = builders.pop()
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=list(cfg.paths), split="train", **kwargs)
-    elif cfg.source == "hf":
+        try:
+            ds = datasets.load_dataset(builder, data_files=list(cfg.paths), split="train", **kwargs)
+        except Exception as e:  # datasets wraps decoding and parsing errors in several types
+            raise DynascopeError(f"data files {', '.join(cfg.paths)} cannot be read as {builder} "
+                                 f"({_first_line(e)}); check data.paths") from None
+    else:
         if not cfg.hf_name:
             raise DynascopeError("data.source=hf needs data.hf_name (and optionally hf_config, hf_split, text_column)")
-        stream = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        try:
+            stream = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
+        except Exception as e:  # no network, an unknown name or config, ...
+            raise DynascopeError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({_first_line(e)}); check the name "
+                                 "and data.hf_config, the network, or give a local dataset directory") from None
         if stream.column_names is not None and cfg.text_column not in stream.column_names:
             raise DynascopeError(f"data.text_column {cfg.text_column!r} not in {cfg.hf_name}'s columns "
                                  f"{stream.column_names}")
         if cfg.hf_max_docs:
             stream = stream.take(cfg.hf_max_docs)
         return datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
-    else:
-        raise DynascopeError(f"data.source {cfg.source!r}: choose embedded, files or hf")
     if cfg.text_column not in ds.column_names:
         raise DynascopeError(f"data.text_column {cfg.text_column!r} not in the dataset's columns {ds.column_names}")
     ds = ds.select_columns([cfg.text_column])
     return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (libraries wrap the telling message)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:160]
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.json; a missing or unreadable file is an error naming it."""
+    if not Path(path).is_file():
+        raise DynascopeError(f"tokenizer file {path} does not exist; check data.tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
+        raise DynascopeError(f"tokenizer file {path} cannot be read ({_first_line(e)}); give a "
+                             "tokenizer.json saved by the tokenizers library") from None
 
 
 def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -203,9 +237,7 @@ def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
         raise DynascopeError(f"the corpus ({cfg.source}: {cfg.paths or cfg.hf_name or cfg.corpus}) contains no text")
     docs = docs.map(lambda r: {"val": _is_val(r["text"], cfg.val_fraction)})
     if cfg.tokenizer:
-        if not Path(cfg.tokenizer).is_file():
-            raise DynascopeError(f"tokenizer file {cfg.tokenizer} does not exist; check data.tokenizer")
-        tok = Tokenizer.from_file(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer)
     else:
         train_docs = docs.filter(lambda r: not r["val"])
         tok = train_tokenizer((b["text"] for b in train_docs.iter(batch_size=1000)), cfg.vocab_size)
@@ -272,7 +304,7 @@ class Corpus:
         return np.load(self.path / "counts.npy")
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+        return load_tokenizer(self.path / "tokenizer.json")
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, context_length: int, seed: int, step: int, rank: int = 0,
@@ -303,6 +335,14 @@ class StepBatches(IterableDataset):
 def batch_text(run_dir: str | Path, step: int, rank: int = 0, micro: int = 0) -> list[str]:
     """The training windows of (step, rank, micro-batch) of a run, decoded."""
     cfg = read_yaml(Path(run_dir) / "config.yaml", "run config")
+    trainer = cfg.get("trainer") or {}
+    steps, accumulate = trainer.get("max_steps"), trainer.get("accumulate_grad_batches") or 1
+    require(0 <= step and (not isinstance(steps, int) or step < steps), "--step", step,
+            f"the run trains steps 0 to {steps - 1}" if isinstance(steps, int) else "steps are 0 or more")
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    ranks = devices * nodes if isinstance(devices, int) else None  # "auto" or a device list: not known here
+    require(0 <= rank and (ranks is None or rank < ranks), "--rank", rank, f"the run has ranks 0 to {(ranks or 1) - 1}")
+    require(0 <= micro < accumulate, "--micro", micro, f"the run accumulates micro-batches 0 to {accumulate - 1}")
     data, T = DataConfig.from_config(cfg), cfg["model"]["arch"]["context_length"]
     corpus = Corpus(prepare_corpus(data))
     x, y = sample_batch(corpus.tokens("train"), data.batch_size, T, data.seed, step, rank, micro)

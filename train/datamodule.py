@@ -25,7 +25,13 @@ class CorpusDataModule(L.LightningDataModule):
         prepare_corpus(self.config)
 
     def setup(self, stage: str) -> None:
+        """Runs before any callback's setup: a corpus that does not fit the model stops the run before its
+        directory is written."""
         self.corpus = Corpus(prepare_corpus(self.config))
+        vocab, model_vocab = self.corpus.meta["vocab_size"], self.trainer.lightning_module.arch.vocab_size
+        if vocab > model_vocab:
+            raise DynascopeError(f"the tokenizer of {self.corpus.path} has {vocab} tokens, more than "
+                                 f"model.arch.vocab_size={model_vocab}; raise it or lower data.vocab_size")
         for split in ("train", "val"):
             n = self.corpus.meta[f"n_{split}"]
             if n < self.context_length + 1:

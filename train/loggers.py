@@ -12,15 +12,24 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from dynascope.io import atomic_write_text, read_jsonl, write_jsonl
+
 STEP_KEY = "trainer/global_step"
 
 
 class JsonlLogger(Logger):
-    """Appends every logged row to RUN_DIR/metrics.jsonl; each row carries `trainer/global_step`."""
+    """RUN_DIR/metrics.jsonl: every logged row, each with `trainer/global_step`, one value per (step, key).
+
+    Rows are appended. A key logged again at its step with the same value (a step's training and analysis
+    rows both carry `tokens_seen`) is left out; with another value the old one is replaced and the file
+    rewritten atomically. `rewind` drops the rows after a resumed run's checkpoint. Lightning's `epoch`
+    is not kept: the batch stream is indexed by step."""
 
     def __init__(self, run_dir: str | Path):
         super().__init__()
         self.run_dir = Path(run_dir)
+        self._step: int | None = None  # the latest step logged, and its values
+        self._values: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -38,14 +47,36 @@ class JsonlLogger(Logger):
     def path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
 
+    def _logged_at(self, step: int) -> dict[str, float]:
+        """What the file holds at `step` (read from it unless it is the latest step logged)."""
+        if step != self._step:
+            self._step = step
+            self._values = {k: v for r in read_jsonl(self.path, "metrics log") if r[STEP_KEY] == step
+                            for k, v in r.items() if k != STEP_KEY}
+        return self._values
+
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = {STEP_KEY: step, **{k: float(v) for k, v in metrics.items()}}
-        if STEP_KEY in metrics:
-            row[STEP_KEY] = int(metrics[STEP_KEY])
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        step = int(metrics.get(STEP_KEY, step))
+        logged = self._logged_at(step)
+        row = {k: float(v) for k, v in metrics.items() if k not in (STEP_KEY, "epoch") and logged.get(k) != float(v)}
+        if not row:
+            return
+        if row.keys() & logged.keys():  # a value replaced: rewrite without the old ones
+            kept = [{k: v for k, v in r.items() if r[STEP_KEY] != step or k == STEP_KEY or k not in row}
+                    for r in read_jsonl(self.path, "metrics log")]
+            write_jsonl(self.path, [r for r in kept if len(r) > 1] + [{STEP_KEY: step, **row}])
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({STEP_KEY: step, **row}) + "\n")
+        logged |= row
+
+    @rank_zero_only
+    def rewind(self, step: int, replayed_through: int) -> None:
+        """Drop the rows logged after `step`: a resumed run logs them again."""
+        write_jsonl(self.path, [r for r in read_jsonl(self.path, "metrics log") if r[STEP_KEY] <= step])
+        self._step = None
 
     @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -62,6 +93,23 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+class RunWandbLogger(WandbLogger):
+    """wandb's logger for a run that may be resumed: steps a resumed run replays, which the wandb run
+    already holds, are not logged a second time (tables included: they are logged as metrics)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._replayed_through = -1
+
+    def rewind(self, step: int, replayed_through: int) -> None:
+        self._replayed_through = replayed_through
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is None or step > self._replayed_through:
+            super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+
 def make_wandb_logger(run_dir: str | Path, project: str = "dynascope") -> WandbLogger:
     """A WandbLogger whose run id lives in RUN_DIR/wandb_id, so a resumed run continues the same run.
     Offline unless WANDB_MODE says otherwise or credentials are configured."""
@@ -69,10 +117,10 @@ def make_wandb_logger(run_dir: str | Path, project: str = "dynascope") -> WandbL
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / "wandb_id"
     if not id_file.exists():
-        id_file.write_text(uuid.uuid4().hex[:12])
+        atomic_write_text(id_file, uuid.uuid4().hex[:12])
     offline = os.environ.get("WANDB_MODE", "offline" if not wandb_has_credentials() else "online") == "offline"
-    return WandbLogger(project=project, name=run_dir.resolve().name, id=id_file.read_text().strip(),
-                       save_dir=str(run_dir), offline=offline, resume="allow")
+    return RunWandbLogger(project=project, name=run_dir.resolve().name, id=id_file.read_text().strip(),
+                          save_dir=str(run_dir), offline=offline, resume="allow")
 
 
 def finish_wandb(trainer) -> None:
@@ -80,6 +128,15 @@ def finish_wandb(trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
             logger.experiment.finish()
+
+
+def finish_wandb_run() -> None:
+    """Finish this process's wandb run if one is still open (a fit that failed), so the next fit in the
+    same process starts its own instead of logging into it."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=1)
 
 
 def upload_to_wandb(table: Path, plots_dir: Path, out_dir: Path, project: str = "dynascope") -> str:

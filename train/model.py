@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynascope.errors import require
+
 ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 
@@ -48,12 +50,14 @@ class ModelConfig:
     """Biases in the linear layers and the LayerNorms."""
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"model activation {self.activation!r}: choose one of {ACTIVATIONS}")
-        if self.norm not in NORMS:
-            raise ValueError(f"model norm {self.norm!r}: choose one of {NORMS}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        for name in ("n_layers", "d_model", "n_heads", "d_mlp", "vocab_size", "context_length"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, f"model.arch.{name}", value, "must be a positive integer")
+        require(self.activation in ACTIVATIONS, "model.arch.activation", self.activation,
+                f"choose one of {ACTIVATIONS}")
+        require(self.norm in NORMS, "model.arch.norm", self.norm, f"choose one of {NORMS}")
+        require(self.d_model % self.n_heads == 0, "model.arch.d_model", self.d_model,
+                f"must be divisible by model.arch.n_heads={self.n_heads}")
 
     def hash(self) -> str:
         """Short stable hash identifying the architecture (stored in the snapshot manifest)."""

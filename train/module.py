@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from dynascope.errors import DynascopeError
+from dynascope.errors import DynascopeError, require
 from dynascope.train.model import ModelConfig, Transformer
 
 
@@ -29,6 +29,14 @@ class LanguageModel(L.LightningModule):
             betas: AdamW's β1 and β2.
             compile: Compile the training forward pass with torch.compile.
         """
+        require(lr > 0, "model.lr", lr, "must be positive")
+        require(0 <= min_lr_ratio <= 1, "model.min_lr_ratio", min_lr_ratio, "must lie between 0 and 1")
+        require(warmup_steps >= 0, "model.warmup_steps", warmup_steps, "must be 0 or more")
+        require(decay_steps is None or decay_steps >= 1, "model.decay_steps", decay_steps,
+                "must be a positive number of steps, or unset for trainer.max_steps")
+        require(weight_decay >= 0, "model.weight_decay", weight_decay, "must be 0 or more")
+        require(len(betas) == 2 and all(0 <= b < 1 for b in betas), "model.betas", betas,
+                "must be two numbers in [0, 1)")
         super().__init__()
         self.save_hyperparameters(ignore="arch")
         self.hparams["arch"] = asdict(arch)
@@ -44,16 +52,12 @@ class LanguageModel(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None:
             return
-        dm_vocab = dm.corpus.meta["vocab_size"]
-        if dm_vocab > self.arch.vocab_size:
-            raise DynascopeError(
-                f"tokenizer of {dm.corpus.path} has {dm_vocab} tokens, more than model.arch.vocab_size="
-                f"{self.arch.vocab_size}; raise model.arch.vocab_size or lower data.vocab_size")
         self.tokens_per_step = dm.tokens_per_step()
         # Read by Lightning's ThroughputMonitor to report MFU (FLOPs of one micro-batch on this rank).
         self.flops_per_batch = self.model.flops_per_token() * dm.config.batch_size * self.arch.context_length
 
     def tokens_seen(self, step: int) -> int:
+        """Tokens all ranks trained on before the update of `step`: what the weights at `step` have seen."""
         return step * self.tokens_per_step
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -62,7 +66,7 @@ class LanguageModel(L.LightningModule):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        self.log("tokens_seen", float(self.tokens_seen(self.global_step + 1)))
+        self.log("tokens_seen", float(self.tokens_seen(self.global_step)))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -1,0 +1,178 @@
+"""The run directory as a record: one trajectory per directory, checked before anything is written.
+
+`prepare_run_dir` runs before `dynascope fit` writes anything. It refuses a directory that already
+holds a run unless the run is resumed (`--ckpt_path`) or started over (`--start_over`, which moves
+the old run aside, never deleting it); on resume it checks every setting that shapes the trajectory
+(architecture, optimizer, schedule, data, seed, batch layout) against the run's config.yaml, and
+reads every file of the run, so a bad one is named before training rather than at the next snapshot.
+A `RunLock` then holds the directory for the life of the process.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from dynascope.errors import DynascopeError
+from dynascope.io import read_json, read_jsonl, read_yaml
+from dynascope.train.snapshots import read_manifest
+
+LOCK_FILE = ".lock"
+CHECKPOINTS = "checkpoints"
+# Settings that shape the trajectory; trainer.max_steps only where it is the cosine schedule's length.
+TRAJECTORY = ("seed_everything", "model", "data", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
+              "trainer.gradient_clip_algorithm", "trainer.precision", "trainer.devices", "trainer.num_nodes")
+NOT_TRAJECTORY = ("model.compile", "data.cache_dir")
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= _flatten(value, name + ".")
+        else:
+            out[name] = value
+    return out
+
+
+def trajectory(config: dict) -> dict[str, Any]:
+    """The settings of a resolved fit config (or a run's config.yaml) that shape the trajectory, flattened."""
+    flat = _flatten(config)
+    chosen = {k: v for k, v in flat.items() if k.startswith(TRAJECTORY) and not k.startswith(NOT_TRAJECTORY)}
+    if flat.get("model.decay_steps") is None:
+        chosen["trainer.max_steps"] = flat.get("trainer.max_steps")
+    return chosen
+
+
+def trajectory_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(trajectory(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_HELD: list[RunLock] = []  # this process's locks
+
+
+class RunLock:
+    """An exclusive lock on RUN_DIR/.lock until `release()` or `release_locks()` (the kernel drops it when
+    the process dies, however it dies)."""
+
+    def __init__(self, run_dir: Path):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / LOCK_FILE
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "another process"
+            self._file.close()
+            raise DynascopeError(f"{run_dir} is in use by {holder}; wait for it to finish, or give another "
+                                 "trainer.default_root_dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"dynascope fit (pid {os.getpid()})")
+        self._file.flush()
+        _HELD.append(self)
+
+    def release(self) -> None:
+        self._file.close()
+        if self in _HELD:
+            _HELD.remove(self)
+
+
+def release_locks() -> None:
+    """Release every run directory this process holds (a `fit` call ended, however it ended)."""
+    for lock in list(_HELD):
+        lock.release()
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether a fit has left snapshots or resume checkpoints in `run_dir`."""
+    return bool(read_manifest(run_dir)) or any((run_dir / CHECKPOINTS).glob("*.ckpt"))
+
+
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete resume checkpoint: a checkpoint is a zip file whose central directory, written
+    last, is intact (a save cut short has none)."""
+    candidates = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((p for p in candidates if zipfile.is_zipfile(p)), None)
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename a run directory to `<name>.<date-time>` beside it and return the new path."""
+    target = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    while target.exists():
+        target = target.with_name(target.name + "_")
+    run_dir.rename(target)
+    return target
+
+
+def check_files(run_dir: Path) -> None:
+    """Read every file of a run, so that a bad one is an error naming it (and its line) now."""
+    read_manifest(run_dir)
+    read_jsonl(run_dir / "metrics.jsonl", "metrics log")
+    for path in (run_dir / "summary.json", run_dir / "analysis" / "summary.json"):
+        if path.exists():
+            read_json(path, "run summary")
+    for path in sorted((run_dir / "tables").glob("*.jsonl")):
+        read_jsonl(path, "table")
+    if (run_dir / "probe.safetensors").exists():
+        from dynascope.analysis.probe import load_probe
+
+        load_probe(run_dir / "probe.safetensors")
+    if (run_dir / "tokenizer.json").exists():
+        from dynascope.train.data import load_tokenizer
+
+        load_tokenizer(run_dir / "tokenizer.json")
+    wandb_id = run_dir / "wandb_id"
+    if wandb_id.exists() and not wandb_id.read_text().strip().isalnum():
+        raise DynascopeError(f"{wandb_id} does not hold a wandb run id; restore it or delete it")
+
+
+def resolve_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
+    """The checkpoint a fit resumes from: `last` is the newest complete one of the run; it must exist."""
+    if ckpt_path is None:
+        return None
+    resumed = resume_checkpoint(run_dir) if ckpt_path == "last" else Path(ckpt_path)
+    if resumed is None or not resumed.is_file():
+        where = run_dir / CHECKPOINTS if ckpt_path == "last" else ckpt_path
+        raise DynascopeError(f"--ckpt_path {ckpt_path}: no resume checkpoint at {where}; check "
+                             "trainer.default_root_dir, or drop --ckpt_path to start a new run")
+    return str(resumed)
+
+
+def prepare_run_dir(run_dir: Path, config: dict, ckpt_path: str | None, start_over: bool) -> None:
+    """Check `run_dir` for `config` before anything is written: a run resumed from `ckpt_path` (resolved)
+    must keep its trajectory, a new one needs an empty directory or `start_over`."""
+    if ckpt_path is not None:
+        if start_over:
+            raise DynascopeError("--ckpt_path resumes a run and --start_over starts a new one; give one of them")
+        if not (run_dir / "config.yaml").exists():
+            raise DynascopeError(f"--ckpt_path {ckpt_path}: {run_dir} has no config.yaml to resume with")
+        before = trajectory(read_yaml(run_dir / "config.yaml", "run config"))
+        now = trajectory(config)
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        if changed:
+            shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+            raise DynascopeError(f"cannot resume {run_dir} with settings that change its trajectory ({shown}"
+                                 f"{'; ...' if len(changed) > 4 else ''}); resume with the run's settings, or "
+                                 "start a new run in another directory")
+        check_files(run_dir)
+        return
+    if holds_run(run_dir):
+        if not start_over:
+            steps = sorted(read_manifest(run_dir))
+            held = f"snapshots of steps {steps[0]}-{steps[-1]}" if steps else f"checkpoints in {run_dir / CHECKPOINTS}"
+            raise DynascopeError(f"{run_dir} already holds a run ({held}); resume it with --ckpt_path last, start "
+                                 "over with --start_over true (the old run is moved aside), or give another "
+                                 "trainer.default_root_dir")
+        print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
+    elif start_over and run_dir.exists() and any(run_dir.iterdir()):
+        print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
+
