@@ -14,6 +14,11 @@ offline in one process), and calls:
   next checkpoint. Calling it twice gives the same result.
 - `advance(result)`: the one step that changes what is carried (the attributes named in `carry`).
 
+Summary events are onsets: `events(values, previous)` names conditions on a checkpoint's values (and
+the previous checkpoint's), and the event step is the first checkpoint from which the condition has
+held at every later one, revised when it fails. `compute()` reports them with `self.onsets(values)`,
+and a merge of sharded replays recomputes them from the merged table with the same rules.
+
 An analysis that uses another's result for the same checkpoint names it in `reads`; it is computed
 after it and finds its `Result` in `self.peers`. Any analysis can also watch training between
 checkpoints: it lists hook names in `training_hook_names()` and accumulates the training forward
@@ -116,6 +121,8 @@ class Analysis(Metric):
     def __init__(self, shape: ModelShape, context: AnalysisContext):
         super().__init__(compute_with_cache=False)  # compute() is pure; recomputing must agree
         self.shape, self.context = shape, context
+        self.revisions: dict[str, list] = {}  # each event's onset revisions so far
+        self.previous_values: dict[str, float] | None = None  # what the events compare with
 
     def bind(self, view: ModelView, step: int) -> None:
         """The checkpoint to measure: set once per checkpoint, before the first `update`."""
@@ -130,12 +137,27 @@ class Analysis(Metric):
     def compute(self) -> Result:
         raise NotImplementedError
 
+    @property
+    def carried(self) -> tuple[str, ...]:
+        return (*self.carry, "revisions", "previous_values")
+
     def advance(self, result: Result) -> None:
         """Adopt the result's carry as the state seen by the next checkpoint's `compute()`."""
         for name, value in result.carry.items():
-            if name not in self.carry:
+            if name not in self.carried:
                 raise KeyError(f"{self.name} carries {name!r}, which is not listed in its `carry`")
             setattr(self, name, value)
+
+    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
+        """{event key: whether its condition holds at this checkpoint}; none by default."""
+        return {}
+
+    def onsets(self, values: dict[str, float]) -> tuple[dict[str, float | None], dict[str, Any]]:
+        """The summary of this checkpoint's events, and the carry that continues them."""
+        holds = self.events(values, self.previous_values)
+        revisions = {key: onset(self.revisions.get(key, []), h, self.step) for key, h in holds.items()}
+        summary = {k: v for key, steps in revisions.items() for k, v in onset_summary(key, steps).items()}
+        return summary, {"revisions": revisions, "previous_values": values} if holds else {}
 
     def training_hook_names(self) -> list[str]:
         """Hooks whose activations on training batches `observe_training` receives (online only)."""
@@ -153,7 +175,7 @@ class Analysis(Metric):
         with self.sync_context(should_sync=True):
             states = {name: _saved(getattr(self, name), as_list=isinstance(default, list))
                       for name, default in self._defaults.items()}
-        return {"carry": {k: getattr(self, k) for k in self.carry}, "states": states}
+        return {"carry": {k: getattr(self, k) for k in self.carried}, "states": states}
 
     def load_checkpoint_state(self, state: dict[str, Any], with_states: bool = True) -> None:
         """Restore `checkpoint_state()` on this analysis's device. The reduced states go to one rank
@@ -162,7 +184,7 @@ class Analysis(Metric):
             return apply_to_collection(value, torch.Tensor, lambda t: t.to(self.device))
 
         for k, v in state.get("carry", {}).items():
-            if k in self.carry:
+            if k in self.carried:
                 setattr(self, k, here(v))
         for k, v in (state.get("states", {}) if with_states else {}).items():
             if k in self._defaults:

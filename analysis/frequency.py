@@ -50,7 +50,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, onset, onset_summary
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
 from dynascope.analysis.outliers import ablation_metrics, deep_positions, spearman
 from dynascope.analysis.view import Cache, ModelShape
 
@@ -79,7 +79,7 @@ def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float = 1e-3, holdout: floa
 class Frequency(Analysis):
     name = "frequency"
     headline = "frequency/r2_corpus"
-    carry = ("prev_A", "prev_W", "prev_r2", "convergence")
+    carry = ("prev_A", "prev_W")
     reads = ("outliers",)
     final_keys = ("frequency/dist_to_final",)
 
@@ -95,8 +95,6 @@ class Frequency(Analysis):
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.prev_A: torch.Tensor | None = None
         self.prev_W: torch.Tensor | None = None
-        self.prev_r2: float | None = None
-        self.convergence: list = []  # onset revisions of the stability rule
 
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
@@ -135,12 +133,17 @@ class Frequency(Analysis):
         tables["frequency/deletion_curve"], deletion = self._deletion(A32)
         out |= deletion
         tables |= self._figures(W[tokens], y, test, pred, target[test])
-        cos = out.get("frequency/direction_cos_prev")
-        stable = (cos is not None and self.prev_r2 is not None and r2 >= self.min_r2
-                  and abs(r2 - self.prev_r2) <= self.r2_tolerance and cos >= self.cos_threshold)
-        convergence = onset(self.convergence, stable, self.step)
-        carry |= {"prev_A": A32.detach().clone(), "prev_r2": r2, "convergence": convergence}
-        return Result(out, tables, onset_summary("frequency/converged_step", convergence), carry)
+        summary, events = self.onsets(out)
+        return Result(out, tables, summary, carry | {"prev_A": A32.detach().clone()} | events)
+
+    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
+        """Converged: R² high enough and no longer moving, and the direction A no longer turning."""
+        r2, cos = values.get("frequency/r2_corpus"), values.get("frequency/direction_cos_prev")
+        before = (previous or {}).get("frequency/r2_corpus")
+        if r2 is None:  # no corpus counts: nothing to converge
+            return {}
+        return {"frequency/converged_step": cos is not None and before is not None and r2 >= self.min_r2
+                and abs(r2 - before) <= self.r2_tolerance and cos >= self.cos_threshold}
 
     def _direction(self, A: torch.Tensor) -> dict[str, float]:
         h = dim_zero_cat(self.h)

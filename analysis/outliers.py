@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, onset, onset_summary
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
 N_RANDOM = 5
@@ -161,7 +161,7 @@ def _prediction_stats(sums: dict[str, float], top1: torch.Tensor, n: int,
 class Outliers(Analysis):
     name = "outliers"
     headline = "outliers/score_max"
-    carry = ("prev_ods", "emergence")
+    carry = ("prev_ods",)
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, skip_positions: int = 16, seed: int = 0):
         super().__init__(shape, context)
@@ -169,7 +169,6 @@ class Outliers(Analysis):
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.add_state("gold", default=[], dist_reduce_fx="cat")
         self.prev_ods: list[int] | None = None
-        self.emergence: list = []  # onset revisions of "≥ 1 OD"
 
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized"]
@@ -197,9 +196,11 @@ class Outliers(Analysis):
                   "outliers/medians": Table(["rank", "dimension", "median / threshold"],
                                             [[i, dim, v] for i, (dim, v) in
                                              enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))])}
-        emergence = onset(self.emergence, len(ods) > 0, self.step)
-        return Result(out, tables=tables, summary=onset_summary("outliers/emergence_step", emergence),
-                      carry={"prev_ods": od_list, "emergence": emergence})
+        summary, events = self.onsets(out)
+        return Result(out, tables, summary, {"prev_ods": od_list} | events)
+
+    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
+        return {"outliers/emergence_step": values["outliers/count"] >= 1}
 
     def _predictions(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
         counts = self.context.counts

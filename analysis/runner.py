@@ -11,27 +11,31 @@ altered, or not matching the config) is reported by name and skipped.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dynascope.analysis.base import Analysis, AnalysisContext, build
+from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table, build
 from dynascope.analysis.measure import Record, measure
 from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe
-from dynascope.analysis.records import CsvTable, Recorder
-from dynascope.analysis.view import HFModelView, ModelView, TransformerView
+from dynascope.analysis.records import CsvTable, Recorder, read_csv, read_table, update_summary, upsert_table
+from dynascope.analysis.view import HFModelView, ModelShape, ModelView, TransformerView
 from dynascope.errors import DynascopeError
-from dynascope.io import ensure_writable, read_yaml
+from dynascope.io import ensure_writable, read_json, read_yaml, write_json
 from dynascope.train.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.train.model import ModelConfig
 from dynascope.train.rundir import trajectory_hash
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
+
+SHARDS = "shards"  # the output directory's subdirectory of sharded replays, one per shard, until merged
 
 
 @dataclass
@@ -41,12 +45,38 @@ class Report:
     skipped: list[str] = field(default_factory=list)
 
 
-def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str], ModelView], final: str,
-            probe: torch.Tensor, names: str | list[str], context: AnalysisContext, out_dir: Path, batch_size: int,
-            device: str, options: dict[str, dict] | None = None) -> Report:
-    """Analyse (step, tokens_seen, label) checkpoints in order; `load_view(label)` gives each one's view.
-    The `final` checkpoint's unembedding is the reference of distances to the end of training; it is
-    loaded first and, when it is among the checkpoints, reused at its turn."""
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    tokens_seen: float
+    label: str
+    record: bool = True  # False: measured only to carry state into the next checkpoint (a shard's first)
+
+
+def shard_of(checkpoints: list[Checkpoint], shard: tuple[int, int] | None) -> list[Checkpoint]:
+    """Shard `index` of `count`: a contiguous run of the checkpoints, preceded by the one before it (not
+    recorded), so keys that compare consecutive checkpoints come out as in one process."""
+    if shard is None:
+        return checkpoints
+    index, count = shard
+    if not 0 <= index < count:
+        raise DynascopeError(f"--shard {index}/{count}: give I/N with 0 <= I < N")
+    bounds = [round(i * len(checkpoints) / count) for i in range(count + 1)]
+    first, last = bounds[index], bounds[index + 1]
+    before = [replace(checkpoints[first - 1], record=False)] if 0 < first < last else []
+    return before + checkpoints[first:last]
+
+
+def shard_dir(out_dir: Path, shard: tuple[int, int] | None) -> Path:
+    return out_dir if shard is None else out_dir / SHARDS / f"{shard[0]}-of-{shard[1]}"
+
+
+def _replay(checkpoints: list[Checkpoint], load_view: Callable[[str], ModelView], final: str, probe: torch.Tensor,
+            names: str | list[str], context: AnalysisContext, out_dir: Path, batch_size: int, device: str,
+            options: dict[str, dict] | None = None) -> Report:
+    """Analyse checkpoints in order; `load_view(label)` gives each one's view. The `final` checkpoint's
+    unembedding is the reference of distances to the end of training; it is loaded first and, when it
+    is among the checkpoints, reused at its turn."""
     report = Report(ensure_writable(out_dir))
     recorder = Recorder(out_dir, [CsvTable(out_dir / "metrics.csv")], echo=tqdm.write)
     cached: dict[str, ModelView] = {}
@@ -56,24 +86,79 @@ def _replay(checkpoints: list[tuple[int, float, str]], load_view: Callable[[str]
     except DynascopeError as e:
         tqdm.write(f"dynascope: no distances to the final checkpoint: {e}", file=sys.stderr)
     analyses: list[Analysis] = []
-    for step, tokens_seen, label in tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt"):
+    for ckpt in tqdm(checkpoints, desc="analysing checkpoints", unit="ckpt"):
         try:
-            view = cached.pop(label) if label in cached else load_view(label)
+            view = cached.pop(ckpt.label) if ckpt.label in cached else load_view(ckpt.label)
         except DynascopeError as e:
             tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
-            report.skipped.append(label)
+            report.skipped.append(ckpt.label)
             continue
         view.model.to(device)
-        analyses = analyses or build(names, view.shape, context, options, device)
-        record = measure(view, analyses, probe, step, tokens_seen, batch_size, label)
-        recorder.write(record)
-        report.records.append(record)
+        if not analyses:
+            analyses = build(names, view.shape, context, options, device)
+            write_json(out_dir / "shape.json", asdict(view.shape))  # what a merge of shards rebuilds them from
+        record = measure(view, analyses, probe, ckpt.step, ckpt.tokens_seen, batch_size, ckpt.label)
+        if ckpt.record:
+            recorder.write(record)
+            report.records.append(record)
     return report
 
 
+def merge_shards(out_dir: str | Path, names: str | list[str], options: dict[str, dict] | None = None) -> Report:
+    """Merge the sharded replays under `out_dir/shards/` into `out_dir`: rows and tables are upserted,
+    summary events are recomputed over the merged rows (onsets need the whole history), and the shards
+    are removed."""
+    out_dir = Path(out_dir)
+    shards = sorted((out_dir / SHARDS).glob("*-of-*"), key=lambda d: int(d.name.split("-")[0]))
+    if not shards:
+        raise DynascopeError(f"{out_dir / SHARDS} holds no shards to merge; run `dynascope analyze ... --shard I/N` "
+                             "first")
+    table = CsvTable(out_dir / "metrics.csv")
+    for shard in shards:
+        for row in read_csv(shard / "metrics.csv") if (shard / "metrics.csv").exists() else []:
+            table.log_metrics({k: v for k, v in row.items() if k != "step" and (v == v or k == "label")},
+                              int(row["step"]))
+        for path in sorted((shard / "tables").glob("*.jsonl")):
+            for entry in read_table(path):
+                upsert_table(out_dir / "tables", path.stem.replace("__", "/"), entry["step"],
+                             Table(entry["columns"], entry["rows"]))
+    shape = ModelShape(**read_json(shards[0] / "shape.json", "shard shape"))
+    rows = [table.rows[s] for s in sorted(table.rows)]
+    summary = replay_events(build(names, shape, None, options), rows)
+    if summary:
+        update_summary(out_dir / "summary.json", summary)
+    for shard in shards:
+        shutil.rmtree(shard)
+    (out_dir / SHARDS).rmdir()
+    return Report(out_dir, [Record(int(r["step"]), r["tokens_seen"], str(r.get("label", ""))) for r in rows])
+
+
+def replay_events(analyses: list[Analysis], rows: list[dict]) -> dict[str, float | None]:
+    """The summary events of `rows` (in step order) by each analysis's rules, as measured in one pass."""
+    summary: dict[str, float | None] = {}
+    for a in analyses:
+        for row in rows:
+            values = {k: v for k, v in row.items() if k.startswith(a.name + "/") and v == v}
+            if values:
+                a.step = int(row["step"])
+                events, carry = a.onsets(values)
+                a.advance(Result({}, carry=carry))
+                summary |= events
+    return summary
+
+
+def run_options(run_dir: str | Path, options: dict[str, dict] | None = None) -> dict[str, dict] | None:
+    """The analysis options of a replay: the given ones, else the run's own (its config's dynamics.options)."""
+    if options is not None:
+        return options
+    return (read_yaml(Path(run_dir) / "config.yaml", "run config").get("dynamics") or {}).get("options")
+
+
 def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
-                batch_size: int | None = None, device: str = "cpu", options: dict[str, dict] | None = None) -> Report:
-    """Replay over a run's snapshots with the analysis options and probe batch size of its config."""
+                batch_size: int | None = None, device: str = "cpu", options: dict[str, dict] | None = None,
+                shard: tuple[int, int] | None = None) -> Report:
+    """Replay over a run's snapshots with the analysis options and probe batch size of its config; with
+    `shard` (index, count), over that shard's part only, into `analysis/shards/` (see `merge_shards`)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise DynascopeError(f"{run_dir} is not a dynascope run directory (no config.yaml)")
@@ -108,10 +193,10 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
 
 
-    checkpoints = [(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen]
-    return _replay(checkpoints, load_view, str(max(manifest)), probe, analyses, context, run_dir / "analysis",
-                   batch_size or dynamics.get("batch_size", 16), device,
-                   options if options is not None else dynamics.get("options"))
+    checkpoints = shard_of([Checkpoint(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen], shard)
+    return _replay(checkpoints, load_view, str(max(manifest)), probe, analyses, context,
+                   shard_dir(run_dir / "analysis", shard), batch_size or dynamics.get("batch_size", 16), device,
+                   run_options(run_dir, options))
 
 
 def _hf_eos(model_dir: Path) -> str:
@@ -131,7 +216,7 @@ def _natural_key(name: str) -> list:
 def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None,
                analyses: str | list[str] = "all", data: DataConfig | None = None, n_windows: int = 64,
                context_length: int = 128, batch_size: int = 16, device: str = "cpu",
-               options: dict[str, dict] | None = None) -> Report:
+               options: dict[str, dict] | None = None, shard: tuple[int, int] | None = None) -> Report:
     """Analyse local Hugging Face checkpoints, ordered by `labels` (a step number in each label, e.g.
     `step3000`, becomes the x-axis; otherwise the position) or else by directory name. Probe windows
     have `context_length` tokens, or the model's maximum if that is shorter."""
@@ -160,6 +245,19 @@ def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[s
         digits = re.findall(r"\d+", label)
         return int(digits[-1]) if digits and labels is not None else i
 
-    checkpoints = [(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)]
-    return _replay(checkpoints, load_view, pairs[-1][0], probe, analyses, context, out_dir, batch_size, device,
-                   options)
+    checkpoints = shard_of([Checkpoint(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)], shard)
+    return _replay(checkpoints, load_view, pairs[-1][0], probe, analyses, context, shard_dir(out_dir, shard),
+                   batch_size, device, options)
+
+
+def analyze_in_parallel(workers: int, device: str, analyze: Callable[..., Report], **kwargs) -> None:
+    """Run `analyze` (analyze_run or analyze_hf) as `workers` processes, shard i on process i (and on GPU
+    i mod the GPU count when `device` is cuda); `merge_shards` then joins them."""
+    torch.multiprocessing.spawn(_worker, args=(workers, device, analyze, kwargs), nprocs=workers)
+
+
+def _worker(index: int, workers: int, device: str, analyze: Callable[..., Report], kwargs: dict) -> None:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
+    if device == "cuda":
+        device = f"cuda:{index % torch.cuda.device_count()}"
+    analyze(**kwargs, device=device, shard=(index, workers))

@@ -39,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ResumeCheckpoints(Checkpoint):
     def __init__(self, every_n_steps: int = 1000):
         """Full checkpoints for resuming, and a clean stop on SIGTERM or SIGUSR1 (Slurm's warning before a
-        time limit: the job also requeues itself).
+        time limit, after which `dynascope fit` requeues the job).
 
         Args:
             every_n_steps: Period of the checkpoints in optimizer steps (0: only at the end and on a signal).
@@ -78,10 +78,8 @@ class ResumeCheckpoints(Checkpoint):
             self._save(trainer, f"step_{step:08d}.ckpt")
         elif stop:
             self._save(trainer, "last.ckpt")
-        if stop:
+        if stop:  # `dynascope fit` requeues a Slurm job (SIGUSR1) once the run has closed its files
             self.stopped_by = signalled or signal.SIGTERM
-            if self.stopped_by == signal.SIGUSR1 and "SLURM_JOB_ID" in os.environ and trainer.is_global_zero:
-                _requeue()
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -109,8 +107,8 @@ class ResumeCheckpoints(Checkpoint):
         rank_zero_info(f"dynascope: resume checkpoint at step {trainer.global_step}: {path}")
 
 
-def _requeue() -> None:
-    """Put this Slurm job back in the queue; Slurm then ends the running one."""
+def requeue_slurm_job() -> None:
+    """Put this Slurm job back in the queue; Slurm then ends the running one at once."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID")
     job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
     result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dynascope.errors import DynascopeError, Interrupted
 
@@ -45,6 +46,17 @@ def _steps(text: str) -> list[int]:
     return steps
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type of --shard: I/N with 0 <= I < N."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: give I/N with 0 <= I < N")
+    return index, count
+
+
 def _json_options(text: str) -> dict:
     """argparse type of --options: a JSON object (errors keep their message: ArgumentTypeError)."""
     try:
@@ -65,13 +77,33 @@ def _usage() -> str:
 
 
 def _prepare(argv: list[str]) -> None:
+    from jsonargparse import ArgumentParser
+
     from dynascope.io import read_yaml
     from dynascope.train.data import DataConfig, prepare_corpus
 
-    p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"])
+    p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"],
+                epilog="Any other arguments are `dynascope fit` arguments: the --data.* ones apply, the rest are "
+                       "ignored, so a job script can pass the same arguments to both.")
     p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
-    a = p.parse_args(argv)
-    print(prepare_corpus(DataConfig.from_config(read_yaml(a.config))))
+    a, rest = p.parse_known_args(argv)
+    data = ArgumentParser(exit_on_error=False)
+    data.add_class_arguments(DataConfig, "data")
+    section = (read_yaml(a.config).get("data") or {})
+    known = {k: v for k, v in section.items() if k in DataConfig.__dataclass_fields__}
+    config = data.parse_args(["--data", json.dumps(known), *_data_arguments(rest)])
+    print(prepare_corpus(data.instantiate(config).data))
+
+
+def _data_arguments(argv: list[str]) -> list[str]:
+    """The `--data.*` arguments (with their values) among `dynascope fit` arguments."""
+    kept, i = [], 0
+    while i < len(argv):
+        takes_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if argv[i].startswith("--data."):
+            kept += argv[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return kept
 
 
 def _batch(argv: list[str]) -> None:
@@ -91,7 +123,7 @@ def _analyze(argv: list[str]) -> None:
     import torch
 
     from dynascope.analysis.plots import plot_run
-    from dynascope.analysis.runner import analyze_hf, analyze_run
+    from dynascope.analysis.runner import analyze_hf, analyze_in_parallel, analyze_run, merge_shards, run_options
     from dynascope.train.data import DataConfig
     from dynascope.train.loggers import upload_to_wandb
 
@@ -109,18 +141,37 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the plots (draw them later with `dynascope plot`)")
     p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--devices", type=int, default=1,
+                   help="worker processes sharing the checkpoints (on as many GPUs with --device cuda), merged")
+    p.add_argument("--shard", type=_shard, metavar="I/N", help="only shard I of N (a Slurm array task); then --merge")
+    p.add_argument("--merge", action="store_true", help="merge the shards written by --shard into one table")
     a = p.parse_args(argv)
+    if bool(a.hf) == bool(a.run):
+        p.error("give a run directory or --hf MODEL_DIR ... (one of them)")
+    if a.hf and not a.out:
+        p.error("--hf needs --out OUT_DIR")
+    if sum([a.devices > 1, a.shard is not None, a.merge]) > 1:
+        p.error("--devices, --shard and --merge exclude each other")
+    out = Path(a.out) if a.hf else Path(a.run) / "analysis"
     if a.hf:
-        if not a.out:
-            p.error("--hf needs --out OUT_DIR")
         data = DataConfig(source="files", paths=a.data) if a.data else None
-        report = analyze_hf(a.hf, a.out, a.labels.split(",") if a.labels else None, a.analyses, data,
-                            batch_size=a.batch_size or 16, device=a.device, options=a.options)
-    elif a.run:
-        report = analyze_run(a.run, a.analyses, _steps(a.steps) if a.steps else None, a.batch_size, a.device,
-                             a.options)
+        analyze, kwargs = analyze_hf, dict(model_dirs=a.hf, out_dir=a.out, labels=a.labels.split(",") if a.labels
+                                           else None, analyses=a.analyses, data=data, batch_size=a.batch_size or 16,
+                                           options=a.options)
     else:
-        p.error("give a run directory or --hf MODEL_DIR ...")
+        analyze, kwargs = analyze_run, dict(run_dir=a.run, analyses=a.analyses, steps=_steps(a.steps) if a.steps
+                                            else None, batch_size=a.batch_size, options=a.options)
+    options = a.options if a.hf else run_options(a.run, a.options)
+    if a.devices > 1:
+        analyze_in_parallel(a.devices, a.device, analyze, **kwargs)
+    if a.merge or a.devices > 1:
+        report = merge_shards(out, a.analyses, options)
+    else:
+        report = analyze(**kwargs, device=a.device, shard=a.shard)
+        if a.shard is not None:
+            print(f"shard {a.shard[0]}/{a.shard[1]}: {len(report.records)} checkpoints in {report.out_dir}; merge the "
+                  "shards with --merge when all are done")
+            return
     print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.records)} checkpoints)")
     if report.records and not a.no_plot:
         print(f"overview: {plot_run(a.run or a.out)}")

@@ -69,7 +69,7 @@ def test_no_planted_dimensions_gives_none_and_revises_emergence():
     assert out["outliers/count"] == 0 and out["outliers/score_max"] < 1 and "outliers/ablate_kl" not in out
     assert out["outliers/jaccard_prev"] == 0.0
     assert record.summary == {"outliers/emergence_step": None, "outliers/emergence_revisions": 1.0}
-    assert a.emergence == [(0, 0), (4, None)]
+    assert a.revisions == {"outliers/emergence_step": [(0, 0), (4, None)]}
 
 
 def test_self_masking_is_caught_by_the_robust_score():

@@ -15,17 +15,25 @@ import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from dynascope.callbacks.dynamics import DynamicsCallback
-from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume
+from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume, requeue_slurm_job
 from dynascope.callbacks.snapshots import Snapshots
 from dynascope.errors import Interrupted, require
 from dynascope.train.data import DataConfig
 from dynascope.train.datamodule import CorpusDataModule
 from dynascope.train.loggers import JsonlLogger, finish_wandb, finish_wandb_run, make_wandb_logger
 from dynascope.train.module import LanguageModel
-from dynascope.train.rundir import RunLock, prepare_run_dir, release_locks, resolve_checkpoint, trajectory_hash
+from dynascope.train.rundir import (
+    RunLock,
+    holds_run,
+    prepare_run_dir,
+    release_locks,
+    resolve_checkpoint,
+    trajectory_hash,
+)
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the config dataclasses in --help
 
@@ -66,14 +74,17 @@ class DynascopeCLI(LightningCLI):
         run_dir = Path(config.trainer.default_root_dir or "runs/default")
         self._get(self.config_init, "trainer")["default_root_dir"] = config.trainer.default_root_dir = str(run_dir)
         # every rank resumes from the same file: the newest complete checkpoint (no subcommand: run=False)
-        ckpt_path = resolve_checkpoint(run_dir, config.get("ckpt_path"))
+        requested = config.get("ckpt_path")
+        ckpt_path = resolve_checkpoint(run_dir, requested)
         if self.subcommand:
             config.ckpt_path = self.config_init[self.subcommand].ckpt_path = ckpt_path
+        # auto with nothing to resume restarts a run an attempt left before its first checkpoint
+        start_over = config.start_over or (requested == "auto" and ckpt_path is None and holds_run(run_dir))
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
         self._get(self.config_init, "snapshots").trajectory_hash = trajectory_hash(resolved)
         if rank_zero_only.rank == 0:  # rank 0 checks and holds the run directory
             self.run_lock = RunLock(run_dir)
-            prepare_run_dir(run_dir, resolved, ckpt_path, config.start_over)
+            prepare_run_dir(run_dir, resolved, ckpt_path, start_over)
             if not self.run_lock.path.exists():  # the old run (and its lock) moved aside
                 self.run_lock.release()
                 self.run_lock = RunLock(run_dir)
@@ -88,6 +99,8 @@ class DynascopeCLI(LightningCLI):
                                        window_size=10)
         trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput, RewindOnResume()]
         trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
+        if SLURMEnvironment.detect():  # ResumeCheckpoints checkpoints and requeues at SIGUSR1, not Lightning
+            trainer_cfg["plugins"].append(SLURMEnvironment(auto_requeue=False))
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
@@ -95,6 +108,9 @@ class DynascopeCLI(LightningCLI):
         trainer = self.trainer
         if trainer.global_step < trainer.max_steps:
             signum = next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoints)), None)
+            if signum == signal.SIGUSR1 and SLURMEnvironment.detect() and trainer.is_global_zero:
+                release_locks()  # requeueing ends this job at once: nothing may be left open
+                requeue_slurm_job()
             raise interrupted(trainer, signum)
 
 

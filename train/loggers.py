@@ -112,15 +112,16 @@ class RunWandbLogger(WandbLogger):
 
 def make_wandb_logger(run_dir: str | Path, project: str = "dynascope") -> WandbLogger:
     """A WandbLogger whose run id lives in RUN_DIR/wandb_id, so a resumed run continues the same run.
-    Offline unless WANDB_MODE says otherwise or credentials are configured."""
+    Offline unless WANDB_MODE says otherwise or credentials are configured. Only rank 0 logs to wandb,
+    and only rank 0 writes the id."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / "wandb_id"
-    if not id_file.exists():
+    if rank_zero_only.rank == 0 and not id_file.exists():
         atomic_write_text(id_file, uuid.uuid4().hex[:12])
+    run_id = id_file.read_text().strip() if id_file.exists() else None
     offline = os.environ.get("WANDB_MODE", "offline" if not wandb_has_credentials() else "online") == "offline"
-    return RunWandbLogger(project=project, name=run_dir.resolve().name, id=id_file.read_text().strip(),
-                          save_dir=str(run_dir), offline=offline, resume="allow")
+    return RunWandbLogger(project=project, name=run_dir.resolve().name, id=run_id, save_dir=str(run_dir),
+                          offline=offline, resume="allow")
 
 
 def finish_wandb(trainer) -> None:

@@ -136,9 +136,13 @@ def check_files(run_dir: Path) -> None:
 
 
 def resolve_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
-    """The checkpoint a fit resumes from: `last` is the newest complete one of the run; it must exist."""
+    """The checkpoint a fit resumes from: `last` is the newest complete one of the run and must exist;
+    `auto` is that one if there is one (a requeued job), else none (a first start)."""
     if ckpt_path is None:
         return None
+    if ckpt_path == "auto":
+        newest = resume_checkpoint(run_dir)
+        return None if newest is None else str(newest)
     resumed = resume_checkpoint(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if resumed is None or not resumed.is_file():
         where = run_dir / CHECKPOINTS if ckpt_path == "last" else ckpt_path
@@ -173,6 +177,6 @@ def prepare_run_dir(run_dir: Path, config: dict, ckpt_path: str | None, start_ov
                                  "over with --start_over true (the old run is moved aside), or give another "
                                  "trainer.default_root_dir")
         print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
-    elif start_over and run_dir.exists() and any(run_dir.iterdir()):
+    elif start_over and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
 
