@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.distributed import ReduceOp
 
 from dynascope.errors import require
 from dynascope.io import atomic_path, read_jsonl
+
+RANKED = (None, signal.SIGTERM, signal.SIGUSR1)  # what stops training, in the order of precedence
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -72,15 +76,21 @@ class ResumeCheckpoints(Checkpoint):
         if step == self._seen_step:
             return  # a micro-batch under gradient accumulation: nothing stepped
         self._seen_step = step
-        signalled = self.signalled or (signal.SIGTERM if trainer.received_sigterm else None)
-        stop = trainer.strategy.reduce_boolean_decision(signalled is not None, all=False)  # any rank: all ranks
+        stop = self._agreed_signal(trainer)
         if self.every_n_steps and step % self.every_n_steps == 0:
             self._save(trainer, f"step_{step:08d}.ckpt")
         elif stop:
             self._save(trainer, "last.ckpt")
         if stop:  # `dynascope fit` requeues a Slurm job (SIGUSR1) once the run has closed its files
-            self.stopped_by = signalled or signal.SIGTERM
+            self.stopped_by = stop
             trainer.should_stop = True
+
+    def _agreed_signal(self, trainer: L.Trainer) -> int | None:
+        """The signal every rank stops for: one rank's signal stops them all (signals do not reach every rank
+        at the same batch), and a requeue request (SIGUSR1) wins over SIGTERM."""
+        signalled = self.signalled or (signal.SIGTERM if trainer.received_sigterm else None)
+        code = torch.tensor(RANKED.index(signalled), device=trainer.strategy.root_device)
+        return RANKED[int(trainer.strategy.reduce(code, reduce_op=ReduceOp.MAX))]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved_step != trainer.global_step:

@@ -10,6 +10,8 @@
 # the job-completion log (no accounting database: `sacct` has nothing, `scontrol show job` and
 # jobcomp.log do). Settings known to work in containers: proctrack/linuxproc, task/none,
 # select/cons_tres, JobRequeue=1. Finished jobs stay visible to `scontrol show job` for 10 minutes.
+# A requeued job waits for its old credential to expire before it starts again: 10 s here
+# (AuthInfo=cred_expire), 120 s by default.
 set -euo pipefail
 
 DIR=${DYNASCOPE_SLURM_DIR:-/tmp/dynascope-slurm}
@@ -38,6 +40,7 @@ SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=cred_expire=10
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -72,8 +72,6 @@ def preempted_job(slurm: dict, corpus_file: Path, run: Path, tasks: int) -> dict
         wait_for(lambda: (run / "snapshots" / "step_00000016.safetensors").exists(), "the job to train to step 16")
         subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
         wait_for(lambda: job(slurm, job_id).get("Restarts") == "1", "the requeue")
-        wait_for(lambda: job(slurm, job_id).get("JobState") != "RUNNING", "the first attempt to end")
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm)  # skip the 2-min delay
         wait_for(lambda: job(slurm, job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job")
     except BaseException:
         subprocess.run(["scancel", job_id], env=slurm)
