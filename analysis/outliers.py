@@ -128,7 +128,7 @@ def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None
         z = view.unembed(hc)
         lp = z.log_softmax(-1)
         for S, acc, tops in zip(removed, sums, top1, strict=True):
-            lq = (z - hc[:, S] @ W[:, S].T).log_softmax(-1)
+            lq = _ablated(view, z, hc, W, S).log_softmax(-1)
             acc["kl"] += (lp.exp() * (lp - lq)).sum().item()
             acc["entropy"] += -(lq.exp() * lq).sum().item()
             t = lq.argmax(-1)
@@ -136,6 +136,17 @@ def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None
                 acc["correct"] += (t == gold[i:i + chunk]).sum().item()
             tops.append(t)
     return [_prediction_stats(acc, torch.cat(tops), len(h), counts) for acc, tops in zip(sums, top1, strict=True)]
+
+
+def _ablated(view: ModelView, z: torch.Tensor, h: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """The logits z of h with the dimensions S zeroed, through whichever is the smaller product: the
+    removed dimensions' (subtracted from z) or the kept ones'."""
+    if 2 * len(S) <= h.shape[1]:
+        return z - h[:, S] @ W[:, S].T
+    kept = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
+    kept[S] = False
+    logits = h[:, kept] @ W[:, kept].T
+    return logits if view.output_bias is None else logits + view.output_bias.float()
 
 
 def _prediction_stats(sums: dict[str, float], top1: torch.Tensor, n: int,

@@ -24,6 +24,12 @@ half (B), `pairs_per_window` per window (default 2, so 128 pairs for the default
 the two prompts come from different windows, so from different documents unless the two windows
 overlap one. A window without a partner in its batch pairs with itself.
 
+Cost: the patch is at the last position, so every earlier position is the clean pass's. On
+dynascope's own model the view recomputes only the last position from block w + 1 on, over the
+clean prefix's keys and values (`TransformerView.patch_last_position`); Hugging Face models take
+one full patched pass per α. The two agree to float32 rounding (≤ 4e-5 on sharpness, measured on
+the demo's snapshots).
+
 Departures from the paper: the default grid has N = 21 points (the paper's figures use 50, its
 scripts 11 or 30); S depends on N, so keep it fixed across runs.
 """
@@ -77,24 +83,23 @@ class Regions(Analysis):
         A, B = self.prompt_pairs(tokens, windows)
         last_mlp = f"blocks.{self.shape.n_layers - 1}.mlp.hook_pre"
         extra = [last_mlp] if self.shape.is_relu else []
-        for w in self.write_layers:
-            site = f"blocks.{w}.hook_resid_post"
-            logits_a, clean = view.run_with_cache(A, [site, "ln_final.hook_normalized", *extra])
-            _, clean_b = view.run_with_cache(B, [site])
+        sites = [f"blocks.{w}.hook_resid_post" for w in self.write_layers]
+        _, clean = view.run_with_cache(A, [*sites, "ln_final.hook_normalized"])
+        _, clean_b = view.run_with_cache(B, sites)
+        alpha = torch.linspace(0, 1, self.n_alpha, device=A.device)
+        per_chunk = max(1, self.chunk // self.n_alpha)  # prompts whose patched paths are computed together
+        for w, site in zip(self.write_layers, sites, strict=True):
             a, b = clean[site][:, -1].float(), clean_b[site][:, -1].float()
-            alpha = torch.linspace(0, 1, self.n_alpha, device=a.device)
             x = a[:, None] + alpha[None, :, None] * (b - a)[:, None]  # [P, N, d]
-            outs, lps, pres = [], [], []
-            reps = A.repeat_interleave(self.n_alpha, dim=0)
-            flat = x.reshape(-1, x.shape[-1])
-            for i in range(0, len(reps), self.chunk):  # all P·N patched sequences in a few batches
-                lg, c = view.patch_residual(reps[i:i + self.chunk], site, A.shape[1] - 1, flat[i:i + self.chunk],
-                                            ["ln_final.hook_normalized", *extra])
-                outs.append(c["ln_final.hook_normalized"][:, -1].float())
-                lps.append(lg[:, -1].float().log_softmax(-1))
+            lps, outs, pres = [], [], []
+            for i in range(0, len(A), per_chunk):
+                lg, c = view.patch_last_position(A[i:i + per_chunk], w, x[i:i + per_chunk],
+                                                 ["ln_final.hook_normalized", *extra])
+                lps.append(lg.float().log_softmax(-1))
+                outs.append(c["ln_final.hook_normalized"].float())
                 if extra:
-                    pres.append(c[last_mlp][:, -1] > 0)
-            out = torch.cat(outs).view(len(A), self.n_alpha, -1)
+                    pres.append(c[last_mlp] > 0)
+            out = torch.cat(outs)  # [P, N, d]
             d = (out - clean["ln_final.hook_normalized"][:, -1, None].float()).norm(dim=-1)  # [P, N]
             keep = d[:, -1] > MIN_D1
             getattr(self, f"dropped_L{w}").add_((~keep).sum())
@@ -103,11 +108,11 @@ class Regions(Analysis):
             getattr(self, f"sharpness_L{w}").append(steps.amax(dim=1) * (self.n_alpha - 1))
             getattr(self, f"jumps_L{w}").append((steps > JUMP).sum(dim=1).float())
             getattr(self, f"curves_L{w}").append(dn)
-            lp = torch.cat(lps).view(len(A), self.n_alpha, -1)[keep]
+            lp = torch.cat(lps)[keep]
             mid = (self.n_alpha - 1) // 2
             getattr(self, f"kl_mid_L{w}").append((lp[:, 0].exp() * (lp[:, 0] - lp[:, mid])).sum(-1))
             if extra:
-                on = torch.cat(pres).view(len(A), self.n_alpha, -1)[keep]
+                on = torch.cat(pres)[keep]
                 getattr(self, f"flips_L{w}").append((on != on[:, :1]).any(dim=1).sum(-1).float())
 
     def _cat(self, state: str, w: int) -> torch.Tensor:

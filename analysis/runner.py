@@ -154,6 +154,17 @@ def run_options(run_dir: str | Path, options: dict[str, dict] | None = None) -> 
     return (read_yaml(Path(run_dir) / "config.yaml", "run config").get("dynamics") or {}).get("options")
 
 
+def run_context(run_dir: Path, config: dict) -> AnalysisContext:
+    """What a run's analyses read besides the model: its corpus counts, tokenizer and end-of-document id."""
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else None
+    if (run_dir / "counts.npy").exists():
+        counts = np.load(run_dir / "counts.npy")
+    else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
+        counts = Corpus(prepare_corpus(DataConfig.from_config(config))).counts()
+    eos = (config.get("data") or {}).get("eos_token") or EOS
+    return AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
+
+
 def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
                 batch_size: int | None = None, device: str = "cpu", options: dict[str, dict] | None = None,
                 shard: tuple[int, int] | None = None) -> Report:
@@ -173,14 +184,7 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
     if missing:
         raise DynascopeError(f"--steps {missing} have no snapshot in {run_dir}/snapshots (have {sorted(manifest)})")
     chosen = sorted(steps or manifest)
-    tokenizer = load_tokenizer(run_dir / "tokenizer.json") if (run_dir / "tokenizer.json").exists() else None
-    if (run_dir / "counts.npy").exists():
-        counts = np.load(run_dir / "counts.npy")
-    else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
-        counts = Corpus(prepare_corpus(DataConfig.from_config(config))).counts()
-    eos = (config.get("data") or {}).get("eos_token") or EOS
-    context = AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
-
+    context = run_context(run_dir, config)
     trajectory = trajectory_hash(config)
 
     def load_view(label: str) -> ModelView:
@@ -190,7 +194,8 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         if manifest[step].get("trajectory_hash") not in (None, trajectory):
             raise DynascopeError(f"snapshot {snapshot_path(run_dir, step)} belongs to another trajectory than "
                                  f"{run_dir / 'config.yaml'} (the manifest's trajectory_hash differs)")
-        return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step), str(snapshot_path(run_dir, step)))
+        return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step, device=device),
+                                             str(snapshot_path(run_dir, step)))
 
 
     checkpoints = shard_of([Checkpoint(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen], shard)

@@ -143,6 +143,16 @@ class ModelView:
         with self.hooks({name: overwrite_position(position, vectors)}):
             return self.run_with_cache(tokens, names)
 
+    def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
+                            names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+        """For prompts `tokens` [P, T], with the residual after block `layer` at the last position replaced
+        by each of `vectors` [P, N, d]: the logits [P, N, V] and the activations at `names` [P, N, ...]
+        at the last position. Here: one patched forward pass per vector."""
+        P, N, d = vectors.shape
+        logits, cache = self.patch_residual(tokens.repeat_interleave(N, dim=0), f"blocks.{layer}.hook_resid_post",
+                                            tokens.shape[1] - 1, vectors.reshape(P * N, d), names)
+        return logits[:, -1].view(P, N, -1), {n: c[:, -1].view(P, N, *c.shape[2:]) for n, c in cache.items()}
+
 
 def _apply_out(fn: HookFn, output):
     if isinstance(output, tuple):
@@ -170,6 +180,23 @@ class TransformerView(ModelView):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
+                            names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+        """As `ModelView.patch_last_position`, computing only what the patch changes: the last position,
+        from block `layer + 1` on, attending to the earlier positions' keys and values of one clean pass
+        (activations the patch cannot reach, in blocks up to `layer`, are the clean pass's)."""
+        P, N, d = vectors.shape
+        blocks = self.model.blocks[layer + 1:]
+        inputs = [f"blocks.{layer + 1 + i}.ln1.hook_normalized" for i in range(len(blocks))]
+        _, clean = self.run_with_cache(tokens, [*inputs, *names])
+        cache = {n: clean[n][:, -1:].repeat_interleave(N, dim=0) for n in names}
+        with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
+            x = vectors.reshape(P * N, 1, d)
+            for block, name in zip(blocks, inputs, strict=True):
+                x = block(x, clean[name][:, :-1])
+            logits = self.model.unembed(self.model.ln_final(x))
+        return logits.view(P, N, -1), {n: c.view(P, N, *c.shape[2:]) for n, c in cache.items()}
+
     @property
     def output_embeddings(self) -> torch.Tensor:
         return self.model.unembed.weight
@@ -193,9 +220,12 @@ class TransformerView(ModelView):
     @classmethod
     def from_snapshot(cls, cfg: ModelConfig, weights: dict[str, torch.Tensor],
                       source: str = "snapshot") -> TransformerView:
-        model = Transformer(cfg)
+        with torch.device("meta"):  # no initialisation: the weights are the snapshot's tensors, on their device
+            model = Transformer(cfg)
         try:
-            model.load_state_dict(weights, strict=True)
+            model.load_state_dict(weights, strict=True, assign=True)
+            if cfg.tie_embeddings:
+                model.unembed.weight = model.wte.weight
         except RuntimeError as e:
             first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise DynascopeError(f"{source} does not match the run's model config: {first}") from None

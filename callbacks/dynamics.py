@@ -5,18 +5,22 @@ before the first update) it switches to eval mode, measures the checkpoint on ev
 of the probe set (`measure`, a collective), restores train mode, and on rank 0 hands the record to
 the run's `Recorder`, which writes it to every logger (metrics.jsonl, wandb), summary.json and
 tables/. Analyses that watch training get forward hooks on the training passes and each optimizer
-step's loss and gradient norm.
+step's loss and gradient norm. While it measures, the training progress bar names the stage; the
+time it spends (`seconds`) is left out of the training throughput (callbacks/throughput.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from dynascope.analysis import build, resolve
@@ -48,6 +52,23 @@ class LoggerSink(Sink):
             self.logger.log_table(key, columns=table.columns, data=table.rows, step=step)
 
 
+@contextlib.contextmanager
+def _shown_in(trainer: L.Trainer, step: int) -> Iterator[Callable[[str], None]]:
+    """A function that shows a measurement's stage in the training progress bar, which would otherwise
+    sit still; the bar's own text comes back afterwards."""
+    bar, text = trainer.progress_bar_callback, f"analysing step {step}"
+    if isinstance(bar, TQDMProgressBar) and bar.is_enabled and bar._train_progress_bar is not None:
+        yield lambda stage: bar.train_progress_bar.set_postfix_str(f"{text}: {stage}")  # reset at the next batch
+    elif isinstance(bar, RichProgressBar) and bar.is_enabled and bar.progress is not None \
+            and getattr(bar, "train_progress_bar_id", None) is not None:
+        own = bar.train_progress_bar.description
+        yield lambda stage: (bar.progress.update(bar.train_progress_bar_id, description=f"{own} · {text}: {stage}"),
+                             bar.refresh())
+        bar.progress.update(bar.train_progress_bar_id, description=own)
+    else:
+        yield lambda stage: None
+
+
 class DynamicsCallback(OnSchedule):
     def __init__(self, analyses: str | list[str] = "all", probe_windows: int = 64, probe_seed: int = 0,
                  batch_size: int = 16, options: dict[str, dict] | None = None):
@@ -70,6 +91,7 @@ class DynamicsCallback(OnSchedule):
         self._saved: dict[str, dict[str, Any]] = {}
         self._train_hooks: list = []
         self._global_zero = True
+        self.seconds = 0.0  # spent measuring in this session (training throughput leaves it out)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         snapshots = [cb for cb in trainer.callbacks if isinstance(cb, Snapshots)]
@@ -121,10 +143,14 @@ class DynamicsCallback(OnSchedule):
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
-        record = measure(self.view, self.analyses, self.probe, step, float(pl_module.tokens_seen(step)),
-                         self.batch_size, first_window=self.first_window)
+        with _shown_in(trainer, step) as progress:
+            record = measure(self.view, self.analyses, self.probe, step, float(pl_module.tokens_seen(step)),
+                             self.batch_size, first_window=self.first_window, progress=progress)
         pl_module.train(was_training)
-        record.values["dynamics/seconds"] = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        record.values["dynamics/seconds"] = seconds
+        record.values |= {f"dynamics/seconds/{name}": s for name, s in record.seconds.items()}
         if trainer.is_global_zero:
             self.recorder.write(record)
 

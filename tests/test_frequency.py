@@ -6,6 +6,7 @@ from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.base import AnalysisContext
+from dynascope.analysis.frequency import deletion_kls
 from dynascope.analysis.measure import measure
 from dynascope.analysis.view import TransformerView
 from dynascope.train.model import HookPoint, ModelConfig, Transformer
@@ -166,3 +167,20 @@ def test_lm_head_bias_is_added_to_the_target():
     v = head_view(E, a, bias=-y)  # a head whose bias alone carries the frequency: y + b is constant
     out = measure(v, build("frequency", v.shape, context), tokens(), step=0).values
     assert out["frequency/r2_corpus"] < 0.5
+
+
+def test_incremental_deletion_kl_equals_ablating_each_set_from_scratch():
+    torch.manual_seed(1)
+    E, h = torch.randn(40, 8), torch.randn(30, 8) * 2
+    view = head_view(E, torch.ones(8))
+    order, fractions = torch.randperm(8), [0.25, 0.5, 0.875]
+    kls = deletion_kls(view, h, [(order, fractions), (order.flip(0), [0.5])], chunk=7)
+    p = (h @ E.T).log_softmax(-1)
+
+    def kl(removed: torch.Tensor) -> float:
+        q = (h.index_fill(1, removed, 0.0) @ E.T).log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    assert kls[0] == pytest.approx([kl(order[:int(f * 8)]) for f in fractions], rel=1e-4)
+    assert kls[1] == pytest.approx([kl(order.flip(0)[:4])], rel=1e-4)
+    assert kls[0][-1] > kls[0][0] > 0

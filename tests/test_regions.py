@@ -5,7 +5,7 @@ from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.measure import measure
-from dynascope.analysis.view import TransformerView
+from dynascope.analysis.view import ModelView, TransformerView
 from dynascope.train.model import HookPoint, ModelConfig, Transformer
 
 
@@ -111,3 +111,23 @@ def test_random_init_model_has_no_sharp_boundaries():
     for w in (0, 1):
         assert 1.0 <= out[f"regions/sharpness_median/L{w}"] < 1.3
     assert out["regions/jumps_mean"] == 0.0 and out["regions/relu_flips_mean"] > 0
+
+
+@pytest.mark.parametrize("activation,layer", [("relu", 0), ("gelu", 1), ("relu", 2)])
+def test_last_position_recompute_equals_full_patched_passes(activation, layer):
+    """The view's shortcut (only the last position, from the patched block on, over the prefix's keys and
+    values) gives what patching full forward passes gives."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=3, d_model=32, n_heads=4, d_mlp=64, vocab_size=50, context_length=16,
+                      activation=activation)
+    view = TransformerView(Transformer(cfg).eval())
+    tokens, vectors = torch.randint(0, 50, (3, 10)), torch.randn(3, 5, 32)
+    names = ["ln_final.hook_normalized", "blocks.2.mlp.hook_pre"]
+    with torch.no_grad():
+        fast_logits, fast = view.patch_last_position(tokens, layer, vectors, names)
+        full_logits, full = ModelView.patch_last_position(view, tokens, layer, vectors, names)
+    assert fast_logits.shape == (3, 5, 50)
+    assert (fast_logits - full_logits).abs().max() < 1e-5
+    for name in names:
+        assert fast[name].shape == full[name].shape
+        assert (fast[name] - full[name]).abs().max() < 1e-5

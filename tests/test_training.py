@@ -13,6 +13,7 @@ import torch
 import wandb_reader
 from conftest import copy_run, tiny_args
 
+from dynascope.analysis.base import REGISTRY
 from dynascope.analysis.records import read_csv, read_metrics
 from dynascope.cli import main
 from dynascope.train.cli import fit_cli
@@ -53,6 +54,16 @@ def test_fit_writes_snapshots_manifest_metrics_and_wandb(tiny_run):
     judged = {s: online[s]["sparsity/dead_window_tokens"] for s in online if "sparsity/dead_window_tokens" in online[s]}
     assert judged == {2: 256, 4: 256, 6: 256} and all(0 <= online[s]["sparsity/dead_frac/L0"] < 1 for s in judged)
     assert online[4]["sparsity/interval_grad_norm_max"] > 0
+    for step, row in online.items():  # each analysis's time is part of the measurement's time
+        parts = [row[f"dynamics/seconds/{name}"] for name in REGISTRY]
+        assert all(p > 0 for p in parts) and sum(parts) < row["dynamics/seconds"], step
+    # training time (train/time) leaves the measurements out; the wall-clock tokens/s beside it does not
+    by_step: dict[int, dict] = {}
+    for r in rows:
+        by_step.setdefault(r["trainer/global_step"], {}).update(r)
+    speeds = [(r["train/lengths"] / r["train/time"], r["train/device/wall_items_per_sec"]) for r in by_step.values()
+              if "train/time" in r and "train/device/wall_items_per_sec" in r]
+    assert len(speeds) == 7 and all(wall < training for training, wall in speeds)
     offline = {r["step"]: r for r in read_csv(run / "analysis" / "metrics.csv")}
     assert sorted(offline) == sorted(manifest)
     assert offline[7]["frequency/dist_to_final"] == 0 < offline[4]["frequency/dist_to_final"] < offline[0][

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -21,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from dynascope.callbacks.dynamics import DynamicsCallback
 from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume, requeue_slurm_job
 from dynascope.callbacks.snapshots import Snapshots
+from dynascope.callbacks.throughput import TrainingThroughput
 from dynascope.errors import Interrupted, require
 from dynascope.train.data import DataConfig
 from dynascope.train.datamodule import CorpusDataModule
@@ -95,8 +95,7 @@ class DynascopeCLI(LightningCLI):
         run_dir = Path(trainer_cfg["default_root_dir"])
         if trainer_cfg.get("logger") in (None, True):
             trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(run_dir, config["wandb_project"])]
-        throughput = ThroughputMonitor(batch_size_fn=lambda b: b[0].size(0), length_fn=lambda b: b[0].numel(),
-                                       window_size=10)
+        throughput = TrainingThroughput()
         trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput, RewindOnResume()]
         trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():  # ResumeCheckpoints checkpoints and requeues at SIGUSR1, not Lightning

@@ -91,11 +91,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """`prefix`: the normalized inputs of earlier positions [B', T', C], attended to by the one position
+        in `x` [B, 1, C] (B a multiple of B': consecutive rows of x share a prefix row), so that a last
+        position can be recomputed alone."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if prefix is not None:
+            _, pk, pv = self.qkv(prefix).repeat_interleave(B // len(prefix), dim=0).split(C, dim=2)
+            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+        q, k, v = (t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=prefix is None)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -132,9 +138,9 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.attn(self.ln1(x)))
+        x = self.hook_resid_mid(x + self.attn(self.ln1(x), prefix))
         return self.hook_resid_post(x + self.mlp(self.ln2(x)))
 
 

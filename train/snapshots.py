@@ -51,8 +51,10 @@ def write_snapshot(run_dir: str | Path, step: int, state_dict: dict[str, torch.T
     return path
 
 
-def load_snapshot(run_dir: str | Path, step: int, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Load one snapshot; raises DynascopeError naming the file if it is missing, corrupt or altered."""
+def load_snapshot(run_dir: str | Path, step: int, verify: bool = True,
+                  device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Load one snapshot, memory-mapped, onto `device`; raises DynascopeError naming the file if it is
+    missing, corrupt or altered."""
     path = snapshot_path(run_dir, step)
     row = read_manifest(run_dir).get(step)
     if not path.exists():
@@ -60,7 +62,7 @@ def load_snapshot(run_dir: str | Path, step: int, verify: bool = True) -> dict[s
     if verify and row is not None and sha256_file(path) != row["sha256"]:
         raise DynascopeError(f"snapshot {path} does not match the sha256 in its manifest; the file is corrupt")
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises several types for bad headers and truncation
         raise DynascopeError(f"snapshot {path} cannot be read ({e}); the file is corrupt") from None
 
