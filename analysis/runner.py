@@ -10,12 +10,13 @@ altered, or not matching the config) is reported by name and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from dynascope.analysis.records import CsvTable, Recorder, read_csv, read_table,
 from dynascope.analysis.view import HFModelView, ModelShape, ModelView, TransformerView
 from dynascope.errors import DynascopeError
 from dynascope.io import ensure_writable, read_json, read_yaml, write_json
-from dynascope.train.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
+from dynascope.train.data import EOS, Corpus, DataConfig, _first_line, load_tokenizer, prepare_corpus
 from dynascope.train.model import ModelConfig
 from dynascope.train.rundir import trajectory_hash
 from dynascope.train.snapshots import load_snapshot, read_manifest, snapshot_path
@@ -204,13 +205,91 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
                    run_options(run_dir, options))
 
 
-def _hf_eos(model_dir: Path) -> str:
-    cfg_path = model_dir / "tokenizer_config.json"
-    eos = json.loads(cfg_path.read_text()).get("eos_token") if cfg_path.exists() else None
+PYTHIA_SCHEDULE = [0, *(2**k for k in range(10)), *range(1000, 143_001, 1000)]  # Pythia's 154 step branches
+
+
+@dataclass(frozen=True)
+class HFCheckpoint:
+    """A local Hugging Face model directory (`revision` None), or a hub repo at a revision, read through the
+    local Hugging Face cache (and downloaded into it unless offline)."""
+
+    source: str
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source if self.revision is None else f"{self.source}@{self.revision}"
+
+    @property
+    def label(self) -> str:
+        """The default label: the revision (e.g. step1000), else the directory's name."""
+        return Path(self.source).name if self.revision is None else self.revision
+
+    @contextlib.contextmanager
+    def _hub_errors(self, what: str) -> Iterator[None]:
+        from huggingface_hub import constants, errors
+
+        try:
+            yield
+        except errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not cached
+            raise DynascopeError(f"{self.name} ({what}) is not in the local Hugging Face cache "
+                                 f"{constants.HF_HUB_CACHE}; download it first (hf download {self.source} --revision "
+                                 f"{self.revision}), or run where the hub can be reached, with HF_HUB_OFFLINE unset"
+                                 ) from None
+        except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError) as e:
+            raise DynascopeError(f"{self.name} ({what}): {_first_line(e)}; check the repo id and revision") from None
+        except OSError as e:  # transformers reports what it could not load as OSError
+            raise DynascopeError(f"{self.name} ({what}) cannot be loaded ({_first_line(e)})") from None
+
+    def file(self, filename: str) -> Path:
+        """The local path of one of the checkpoint's files (a hub file is fetched into the cache)."""
+        if self.revision is None:
+            path = Path(self.source) / filename
+            if not path.is_file():
+                raise DynascopeError(f"{self.source} has no {filename}; give a directory written by save_pretrained "
+                                     "(of the model and of its fast tokenizer)")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        with self._hub_errors(filename):
+            return Path(hf_hub_download(self.source, filename, revision=self.revision))
+
+    def load(self) -> HFModelView:
+        if self.revision is None:
+            return HFModelView.from_dir(self.source)
+        from transformers import AutoModelForCausalLM
+
+        with self._hub_errors("weights"):
+            model = AutoModelForCausalLM.from_pretrained(self.source, revision=self.revision, dtype=torch.float32)
+        return HFModelView(model)
+
+
+def hf_checkpoints(names: list[str]) -> list[HFCheckpoint]:
+    """`--hf` arguments: local model directories, or hub checkpoints REPO@REVISION (REPO@pythia-schedule:
+    Pythia's 154 branches step0 ... step143000)."""
+    checkpoints = []
+    for name in names:
+        repo, at, revision = name.partition("@")
+        if Path(name).is_dir():
+            checkpoints.append(HFCheckpoint(name))
+        elif not at:
+            raise DynascopeError(f"--hf {name}: no such directory; a hub checkpoint is REPO_ID@REVISION, e.g. "
+                                 "EleutherAI/pythia-160m@step1000")
+        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or not revision:
+            raise DynascopeError(f"--hf {name}: a hub checkpoint is REPO_ID@REVISION, e.g. "
+                                 "EleutherAI/pythia-160m@step1000 (or @pythia-schedule for all of Pythia's)")
+        else:
+            revisions = [f"step{s}" for s in PYTHIA_SCHEDULE] if revision == "pythia-schedule" else [revision]
+            checkpoints += [HFCheckpoint(repo, r) for r in revisions]
+    return checkpoints
+
+
+def _hf_eos(tokenizer_config: Path) -> str:
+    eos = json.loads(tokenizer_config.read_text()).get("eos_token")
     if isinstance(eos, dict):
         eos = eos.get("content")
     if not eos:
-        raise DynascopeError(f"{cfg_path} names no eos_token; the corpus needs one between documents")
+        raise DynascopeError(f"{tokenizer_config} names no eos_token; the corpus needs one between documents")
     return eos
 
 
@@ -221,38 +300,65 @@ def _natural_key(name: str) -> list:
 def analyze_hf(model_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None,
                analyses: str | list[str] = "all", data: DataConfig | None = None, n_windows: int = 64,
                context_length: int = 128, batch_size: int = 16, device: str = "cpu",
-               options: dict[str, dict] | None = None, shard: tuple[int, int] | None = None) -> Report:
-    """Analyse local Hugging Face checkpoints, ordered by `labels` (a step number in each label, e.g.
-    `step3000`, becomes the x-axis; otherwise the position) or else by directory name. Probe windows
-    have `context_length` tokens, or the model's maximum if that is shorter."""
-    dirs = [Path(d) for d in model_dirs]
-    for d in dirs:
-        if not (d / "tokenizer.json").is_file():
-            raise DynascopeError(f"{d} has no tokenizer.json (a fast tokenizer is needed to build the probe set)")
-    if labels is not None and len(labels) != len(dirs):
-        raise DynascopeError(f"--labels has {len(labels)} entries for {len(dirs)} model directories")
-    pairs = list(zip(labels, dirs, strict=True)) if labels else sorted(((d.name, d) for d in dirs),
-                                                                       key=lambda p: _natural_key(p[0]))
-    out_dir = ensure_writable(out_dir)
-    data = data or DataConfig()
-    data.tokenizer, data.eos_token = str(pairs[0][1] / "tokenizer.json"), _hf_eos(pairs[0][1])
-    corpus = Corpus(prepare_corpus(data))
-    context_length = min(context_length, HFModelView.max_positions(pairs[0][1]))
-    probe = sample_probe(corpus.tokens("val"), n_windows, context_length)
-    save_probe(out_dir / PROBE_FILE, probe)
+               options: dict[str, dict] | None = None, shard: tuple[int, int] | None = None,
+               probe: str | Path | None = None, counts: str | Path | None = None,
+               tokens_per_step: int | None = None) -> Report:
+    """Analyse Hugging Face checkpoints (local directories or hub revisions, see `hf_checkpoints`), ordered
+    by `labels` (a step number in each label, e.g. `step3000`, becomes the x-axis; otherwise the position)
+    or else by revision or directory name, whose `stepN` prefix (Pythia's and OLMo's revisions, `dynascope
+    export --all` directories) gives the step, else the position. Probe windows have
+    `context_length` tokens, or the model's maximum if that is shorter; `probe` (e.g. a run's
+    probe.safetensors) and `counts` (its counts.npy) replace the windows and token counts drawn from `data`,
+    so an exported run is measured as its snapshots are. `tokens_per_step` gives tokens_seen = step × it."""
+    checkpoints = hf_checkpoints([str(d) for d in model_dirs])
+    if labels is not None and len(labels) != len(checkpoints):
+        raise DynascopeError(f"--labels has {len(labels)} entries for {len(checkpoints)} checkpoints")
+    pairs = list(zip(labels, checkpoints, strict=True)) if labels else sorted(
+        ((c.label, c) for c in checkpoints), key=lambda p: _natural_key(p[0]))
     by_label = dict(pairs)
-    context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer(), corpus.meta["eos_id"])
-
-    def load_view(label: str) -> ModelView:
-        return HFModelView.from_dir(by_label[label])
+    if len(by_label) != len(pairs):
+        raise DynascopeError("--hf: two checkpoints have the same label; give distinct --labels")
+    out_dir = ensure_writable(out_dir)
+    for c in checkpoints:  # a checkpoint that cannot be had (e.g. not cached, offline) stops us before any work
+        c.file("config.json")
+    first = pairs[0][1]
+    tokenizer_file, eos = first.file("tokenizer.json"), _hf_eos(first.file("tokenizer_config.json"))
+    config = first.file("config.json")  # the model's limits, without loading its weights
+    if probe is None or counts is None:
+        data = data or DataConfig()
+        data.tokenizer, data.eos_token = str(tokenizer_file), eos
+        corpus = Corpus(prepare_corpus(data))
+    max_positions = HFModelView.max_positions(config.parent)
+    tokens = load_probe(probe) if probe else sample_probe(corpus.tokens("val"), n_windows,
+                                                          min(context_length, max_positions))
+    vocab = json.loads(config.read_text()).get("vocab_size")
+    if tokens.shape[1] > max_positions or (vocab and tokens.max() >= vocab):
+        raise DynascopeError(f"{f'--probe {probe}' if probe else 'the probe set'}: windows of {tokens.shape[1]} "
+                             f"tokens with ids up to {int(tokens.max())} do not fit {first.name} ({max_positions} "
+                             f"positions, {vocab} tokens); give a probe set of this model's tokenizer")
+    save_probe(out_dir / PROBE_FILE, tokens)
+    tokenizer = load_tokenizer(tokenizer_file)
+    context = AnalysisContext(torch.from_numpy(_load_counts(counts) if counts else corpus.counts()), tokenizer,
+                              tokenizer.token_to_id(eos))
 
     def step_of(i: int, label: str) -> int:
-        digits = re.findall(r"\d+", label)
-        return int(digits[-1]) if digits and labels is not None else i
+        digits, default = re.findall(r"\d+", label), re.match(r"step(\d+)", label)  # Pythia's, OLMo's, our exports'
+        return int(digits[-1]) if digits and labels is not None else int(default[1]) if default else i
 
-    checkpoints = shard_of([Checkpoint(step_of(i, lab), float("nan"), lab) for i, (lab, _) in enumerate(pairs)], shard)
-    return _replay(checkpoints, load_view, pairs[-1][0], probe, analyses, context, shard_dir(out_dir, shard),
-                   batch_size, device, options)
+    def checkpoint(i: int, label: str) -> Checkpoint:
+        step = step_of(i, label)
+        return Checkpoint(step, float(step * tokens_per_step) if tokens_per_step else float("nan"), label)
+
+    return _replay(shard_of([checkpoint(i, label) for i, (label, _) in enumerate(pairs)], shard),
+                   lambda label: by_label[label].load(), pairs[-1][0], tokens, analyses, context,
+                   shard_dir(out_dir, shard), batch_size, device, options)
+
+
+def _load_counts(path: str | Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise DynascopeError(f"--counts {path} cannot be read ({e}); give a run's counts.npy") from None
 
 
 def analyze_in_parallel(workers: int, device: str, analyze: Callable[..., Report], **kwargs) -> None:

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,11 @@ def load_documents(cfg: DataConfig):
                                  f"{stream.column_names}")
         if cfg.hf_max_docs:
             stream = stream.take(cfg.hf_max_docs)
-        return datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
+        try:  # a stream fetches its files only now
+            return datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
+        except Exception as e:  # datasets wraps the generator's error (no network, a file gone, ...)
+            raise DynascopeError(f"data.hf_name {cfg.hf_name!r}: streaming failed ({_first_line(e)}); check the "
+                                 "network, or give a local dataset directory") from None
     if cfg.text_column not in ds.column_names:
         raise DynascopeError(f"data.text_column {cfg.text_column!r} not in the dataset's columns {ds.column_names}")
     ds = ds.select_columns([cfg.text_column])
@@ -216,8 +221,11 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
+    # progress bars on a terminal only: elsewhere tokenizers writes stray blank lines to stdout, where
+    # `dynascope prepare` prints its result
+    interactive = sys.stdout.isatty() and sys.stderr.isatty()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=interactive)
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -229,6 +237,8 @@ def _is_val(text: str, fraction: float) -> bool:
 
 def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
     """Build (or reuse) the tokenized corpus directory for `cfg` under its cache_dir; returns its path."""
+    import pyarrow.compute as pc
+
     out = Path(cfg.cache_dir or default_cache_dir()) / "data" / cfg.key()
     if (out / "meta.json").exists():
         return out
@@ -264,8 +274,8 @@ def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
         sizes[split] = n
         arr = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(max(n, 1),))
         pos = 0
-        for batch in part.iter(batch_size=1000):
-            flat = np.fromiter((t for ids in batch["ids"] for t in ids), dtype=np.int64)
+        for batch in part.with_format("arrow").iter(batch_size=1000):
+            flat = pc.list_flatten(batch["ids"]).to_numpy()  # in Arrow: no Python int per token
             arr[pos:pos + len(flat)] = flat
             if split == "train":
                 counts += np.bincount(flat, minlength=vocab)

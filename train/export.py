@@ -1,0 +1,119 @@
+"""Export snapshots as Hugging Face GPT-2 checkpoints, and push them to the hub one branch per step.
+
+Our `Transformer` with a LayerNorm and a GELU or ReLU MLP computes what `GPT2LMHeadModel` computes:
+the same pre-LN block, fused q/k/v projection and learned positions. The weights are transposed into
+GPT-2's Conv1D layout ([in, out]); a model without biases gets zero biases; the activation is HF's
+"gelu" (the exact erf GELU of `F.gelu`; "gelu_new" is GPT-2's tanh approximation) or "relu". Each
+export is a directory `AutoModelForCausalLM` and `AutoTokenizer` load, with the run's tokenizer and
+its end-of-document token as EOS. Pushed to the hub, step N is the branch `stepN`, as in Pythia.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dynascope.errors import DynascopeError, require
+from dynascope.io import read_yaml
+from dynascope.train.data import EOS, _first_line, load_tokenizer
+from dynascope.train.model import ModelConfig
+from dynascope.train.snapshots import load_snapshot, read_manifest
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise DynascopeError("exporting to Hugging Face needs the hf extra: pip install 'dynascope[hf]'") from None
+    return transformers
+
+
+def gpt2_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our snapshot's weights under GPT2LMHeadModel's names, linear weights transposed to [in, out]."""
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return weights.get(name, torch.zeros(size))
+
+    d = cfg.d_model
+    out = {"transformer.wte.weight": weights["wte.weight"], "transformer.wpe.weight": weights["wpe.weight"],
+           "transformer.ln_f.weight": weights["ln_final.weight"], "transformer.ln_f.bias": bias("ln_final.bias", d),
+           "lm_head.weight": weights["unembed.weight"]}
+    for l in range(cfg.n_layers):
+        ours, theirs = f"blocks.{l}.", f"transformer.h.{l}."
+        for a, b, size in (("ln1", "ln_1", d), ("ln2", "ln_2", d)):
+            out[theirs + b + ".weight"] = weights[ours + a + ".weight"]
+            out[theirs + b + ".bias"] = bias(ours + a + ".bias", size)
+        for a, b, size in (("attn.qkv", "attn.c_attn", 3 * d), ("attn.proj", "attn.c_proj", d),
+                           ("mlp.fc_in", "mlp.c_fc", cfg.d_mlp), ("mlp.fc_out", "mlp.c_proj", d)):
+            out[theirs + b + ".weight"] = weights[ours + a + ".weight"].T.contiguous()
+            out[theirs + b + ".bias"] = bias(ours + a + ".bias", size)
+    return out
+
+
+def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path) -> Path:
+    """Write the run's snapshot at `step` to `out_dir` as a GPT-2 model directory with the run's tokenizer."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    config = read_yaml(run_dir / "config.yaml", "run config")
+    cfg = ModelConfig(**config["model"]["arch"])
+    supported = "export writes GPT-2 checkpoints: activation gelu or relu, norm layernorm"
+    require(cfg.activation in ("gelu", "relu"), "model.arch.activation", cfg.activation, supported)
+    require(cfg.norm == "layernorm", "model.arch.norm", cfg.norm, supported)
+    eos = (config.get("data") or {}).get("eos_token") or EOS
+    eos_id = load_tokenizer(run_dir / "tokenizer.json").token_to_id(eos)
+    if eos_id is None:
+        raise DynascopeError(f"{run_dir / 'tokenizer.json'} has no {eos} token (the run's data.eos_token)")
+    t = _transformers()
+    hf_config = t.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
+                             n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
+                             activation_function=cfg.activation, layer_norm_epsilon=1e-5,  # as train/model.py
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                             tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id)
+    model = t.GPT2LMHeadModel(hf_config)
+    model.load_state_dict(gpt2_weights(cfg, load_snapshot(run_dir, step)), strict=True)
+    tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos,
+                                          model_max_length=cfg.context_length)
+    # written beside the target and renamed, so an interrupted export leaves no half model directory
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict[int, Path]:
+    """Export one snapshot into `out_dir`, or (`step` None) every snapshot into `out_dir/stepN`."""
+    manifest = read_manifest(run_dir)
+    if not manifest:
+        raise DynascopeError(f"{Path(run_dir) / 'snapshots'} holds no snapshots to export")
+    if step is not None and step not in manifest:
+        raise DynascopeError(f"--step {step}: {run_dir} has no snapshot at that step (have {sorted(manifest)})")
+    if step is not None:
+        return {step: export_snapshot(run_dir, step, out_dir)}
+    return {s: export_snapshot(run_dir, s, Path(out_dir) / f"step{s}") for s in sorted(manifest)}
+
+
+def push(exports: dict[int, Path], repo_id: str, api: HfApi | None = None) -> None:
+    """Upload each export to the hub repo `repo_id` as its branch `stepN` (created if missing)."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        for step, folder in sorted(exports.items()):
+            api.create_branch(repo_id, branch=f"step{step}", exist_ok=True)
+            api.upload_folder(repo_id=repo_id, folder_path=folder, revision=f"step{step}",
+                              commit_message=f"dynascope snapshot at step {step}")
+    except Exception as e:  # a bad id, no token or access (hub errors), no network (its HTTP library's own errors)
+        raise DynascopeError(f"--push {repo_id}: {_first_line(e)}; check the network and `hf auth login`, "
+                             "then push again (the export stays on disk)") from None
