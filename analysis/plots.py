@@ -165,10 +165,13 @@ def _layer_order(label: str):
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write `<analysis>.png` for each analysis present and `overview.png`; returns the overview path."""
+    """Write `<analysis>.png` for each analysis present and `overview.png`, in place of the PNGs an earlier
+    call wrote there; returns the overview path."""
     rows, tables, default_out = load_rows(run_dir)
     out = Path(out_dir or default_out)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.png"):
+        old.unlink()
     axis, n_layers = TrainingAxis(rows), n_layers_of(rows)
     present = [name for name in REGISTRY if any(k.startswith(name + "/") for r in rows for k in r)]
     for name in present:

@@ -31,11 +31,13 @@ from dynascope.analysis.records import Recorder, Sink
 from dynascope.analysis.view import TransformerView
 from dynascope.callbacks.snapshots import OnSchedule, Snapshots
 from dynascope.errors import require
+from dynascope.train.loggers import RunWandbLogger
 from dynascope.train.schedule import CheckpointSchedule
 
 
 class LoggerSink(Sink):
-    """A Lightning logger as a record sink; wandb also gets the summary and the tables."""
+    """A Lightning logger as a record sink; wandb also gets the summary and the tables (one growing table
+    per key)."""
 
     def __init__(self, logger: Logger):
         self.logger = logger
@@ -48,8 +50,8 @@ class LoggerSink(Sink):
             self.logger.experiment.summary.update(summary)
 
     def log_table(self, key: str, table: Table, step: int) -> None:
-        if isinstance(self.logger, WandbLogger):
-            self.logger.log_table(key, columns=table.columns, data=table.rows, step=step)
+        if isinstance(self.logger, RunWandbLogger):
+            self.logger.log_growing_table(key, table.columns, table.rows, step)
 
 
 @contextlib.contextmanager

@@ -73,7 +73,7 @@ def tiny_args(corpus_file: Path, run_dir: Path, max_steps: int, *extra: str) -> 
             "--data.batch_size", "4", "--data.val_fraction", "0.2",
             "--snapshots.log_cap", "4", "--snapshots.every", "3", "--checkpoints.every_n_steps", "4",
             "--dynamics.options", '{"regions": {"pairs_per_window": 1}, "sparsity": {"dead_min_tokens": 256}}',
-            *extra]
+            "--report", "false", *extra]
 
 
 @pytest.fixture(scope="session")

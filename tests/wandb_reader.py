@@ -50,3 +50,23 @@ def summary(path: Path) -> dict:
             for i in r.summary.update:
                 out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
     return out
+
+
+def config(path: Path) -> dict:
+    """The run config's top-level entries, as the last update left them."""
+    out = {}
+    for r in records(path):
+        if r.WhichOneof("record_type") == "config":
+            for i in r.config.update:
+                out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
+    return out
+
+
+def run_info(path: Path) -> pb.RunRecord:
+    return next(r.run for r in records(path) if r.WhichOneof("record_type") == "run")
+
+
+def metric_definitions(path: Path) -> dict[str, pb.MetricRecord]:
+    """define_metric calls by metric name (or glob)."""
+    return {r.metric.name or r.metric.glob_name: r.metric for r in records(path)
+            if r.WhichOneof("record_type") == "metric"}

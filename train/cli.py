@@ -13,18 +13,26 @@ from pathlib import Path
 
 import yaml
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from dynascope.callbacks.dynamics import DynamicsCallback
 from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume, requeue_slurm_job
 from dynascope.callbacks.snapshots import Snapshots
-from dynascope.callbacks.throughput import TrainingThroughput
 from dynascope.errors import Interrupted, require
 from dynascope.train.data import DataConfig
 from dynascope.train.datamodule import CorpusDataModule
-from dynascope.train.loggers import JsonlLogger, finish_wandb, finish_wandb_run, make_wandb_logger
+from dynascope.train.loggers import (
+    JsonlLogger,
+    RunWandbLogger,
+    finish_wandb,
+    finish_wandb_run,
+    make_wandb_logger,
+    publish_run,
+    wandb_grouping,
+)
 from dynascope.train.module import LanguageModel
 from dynascope.train.rundir import (
     RunLock,
@@ -36,6 +44,17 @@ from dynascope.train.rundir import (
 )
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the config dataclasses in --help
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Lightning's config.yaml of the run, and the same resolved config (architecture, data, trainer,
+    snapshots, dynamics) in the wandb run's config."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(config, allow_val_change=True)
 
 
 class DynascopeCLI(LightningCLI):
@@ -53,6 +72,14 @@ class DynascopeCLI(LightningCLI):
         parser.add_lightning_class_args(ResumeCheckpoints, "checkpoints")
         parser.add_lightning_class_args(DynamicsCallback, "dynamics")
         parser.add_argument("--wandb_project", default="dynascope", help="wandb project of the run")
+        parser.add_argument("--wandb_group", type=str | None, default=None,
+                            help="wandb group (default: the preset, activation and a hash of the settings other "
+                                 "than seeds, so the seeds of one setup sit together)")
+        parser.add_argument("--wandb_tags", type=list[str] | None, default=None,
+                            help="wandb tags (default: activation=..., preset=...)")
+        parser.add_argument("--report", type=bool, default=True,
+                            help="at the end of fit, draw the plots and the report page into the run directory "
+                                 "and log them, with per-layer charts, to the wandb run")
         parser.add_argument("--start_over", type=bool, default=False,
                             help="start a new run in a directory that holds one, moving the old run aside")
 
@@ -81,6 +108,11 @@ class DynascopeCLI(LightningCLI):
         # auto with nothing to resume restarts a run an attempt left before its first checkpoint
         start_over = config.start_over or (requested == "auto" and ckpt_path is None and holds_run(run_dir))
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        presets = config.get("config") or []
+        group, tags = wandb_grouping(resolved, Path(str(presets[-1])).stem if presets else None)
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        init.wandb_group = config.wandb_group = config.wandb_group or group
+        init.wandb_tags = config.wandb_tags = config.wandb_tags or tags
         self._get(self.config_init, "snapshots").trajectory_hash = trajectory_hash(resolved)
         if rank_zero_only.rank == 0:  # rank 0 checks and holds the run directory
             self.run_lock = RunLock(run_dir)
@@ -94,17 +126,21 @@ class DynascopeCLI(LightningCLI):
         trainer_cfg = config["trainer"]
         run_dir = Path(trainer_cfg["default_root_dir"])
         if trainer_cfg.get("logger") in (None, True):
-            trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(run_dir, config["wandb_project"])]
-        throughput = TrainingThroughput()
-        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [throughput, RewindOnResume()]
+            trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(
+                run_dir, config["wandb_project"], config["wandb_group"], config["wandb_tags"])]
+        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [RewindOnResume()]
         trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():  # ResumeCheckpoints checkpoints and requeues at SIGUSR1, not Lightning
             trainer_cfg["plugins"].append(SLURMEnvironment(auto_requeue=False))
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
-        finish_wandb(self.trainer)
         trainer = self.trainer
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.report and trainer.global_step >= trainer.max_steps and trainer.is_global_zero:
+            wandb_runs = [lg for lg in trainer.loggers if isinstance(lg, RunWandbLogger)]
+            publish_run(Path(trainer.default_root_dir), wandb_runs[0] if wandb_runs else None)
+        finish_wandb(trainer)
         if trainer.global_step < trainer.max_steps:
             signum = next((cb.stopped_by for cb in trainer.callbacks if isinstance(cb, ResumeCheckpoints)), None)
             if signum == signal.SIGUSR1 and SLURMEnvironment.detect() and trainer.is_global_zero:
@@ -126,7 +162,7 @@ def fit_cli(args: list[str] | None = None, run: bool = True) -> DynascopeCLI:
     by this process until `release_locks()`."""
     try:
         return DynascopeCLI(LanguageModel, None, args=args, run=run, auto_configure_optimizers=False,
-                            save_config_kwargs={"overwrite": True},
+                            save_config_callback=SaveRunConfig, save_config_kwargs={"overwrite": True},
                             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,
                                            "fit": {"exit_on_error": False}})
     finally:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import netrc
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -12,9 +14,11 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from dynascope.io import atomic_write_text, read_jsonl, write_jsonl
+from dynascope.io import atomic_write_text, read_json, read_jsonl, read_yaml, write_jsonl
+from dynascope.train.rundir import trajectory
 
 STEP_KEY = "trainer/global_step"
+LAYER = re.compile(r"^(.+)/L(\d+)$")
 
 
 class JsonlLogger(Logger):
@@ -94,23 +98,77 @@ def wandb_has_credentials() -> bool:
 
 
 class RunWandbLogger(WandbLogger):
-    """wandb's logger for a run that may be resumed: steps a resumed run replays, which the wandb run
-    already holds, are not logged a second time (tables included: they are logged as metrics)."""
+    """wandb's logger for a run that may be resumed, laid out for reading training dynamics:
+
+    - steps a resumed run replays, which the wandb run already holds, are not logged a second time
+      (tables included: they are logged as metrics);
+    - every key plots against `trainer/global_step` (Lightning's definition), and `tokens_seen` is
+      declared as a metric too, so it is an x-axis choice in the UI;
+    - per-layer keys (`.../L{l}`) are hidden from the automatic panels: `log_layer_charts` draws one
+      chart per metric with a line per layer instead;
+    - each table key is one growing table (wandb's incremental log mode, a `step` column first),
+      not a new table per step."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._replayed_through = -1
+        self._tables: dict[str, Any] = {}
+        self._declared: set[str] = set()
 
     def rewind(self, step: int, replayed_through: int) -> None:
         self._replayed_through = replayed_through
 
     @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if step is None or step > self._replayed_through:
-            super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if step is not None and step <= self._replayed_through:
+            return
+        run = self.experiment
+        for key in metrics.keys() - self._declared:
+            if key == "tokens_seen" or LAYER.match(key):
+                run.define_metric(key, step_metric=STEP_KEY, hidden=key != "tokens_seen")
+            self._declared.add(key)
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
+
+    @rank_zero_only
+    def log_growing_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        import wandb
+
+        if key not in self._tables:
+            self._tables[key] = wandb.Table(columns=["step", *columns], log_mode="INCREMENTAL")
+        for row in rows:
+            self._tables[key].add_data(step, *row)
+        self.log_metrics({key: self._tables[key]}, step)
+
+    @rank_zero_only
+    def log_layer_charts(self, rows: list[dict]) -> None:
+        """One chart per per-layer metric of `rows` (a run's measurement rows), a line per layer."""
+        import wandb
+
+        layers: dict[str, dict[int, str]] = {}
+        for key in sorted({k for r in rows for k in r}):
+            if m := LAYER.match(key):
+                layers.setdefault(m.group(1), {})[int(m.group(2))] = key
+        for metric, keys in layers.items():
+            measured = [r for r in rows if any(k in r for k in keys.values())]
+            ys = [[r.get(keys[l], float("nan")) for r in measured] for l in sorted(keys)]
+            chart = wandb.plot.line_series(xs=[r[STEP_KEY] for r in measured], ys=ys,
+                                           keys=[f"L{l}" for l in sorted(keys)], title=metric, xname=STEP_KEY)
+            self.experiment.log({f"layers/{metric}": chart})
 
 
-def make_wandb_logger(run_dir: str | Path, project: str = "dynascope") -> WandbLogger:
+def wandb_grouping(config: dict, preset: str | None) -> tuple[str, list[str]]:
+    """The wandb group of a resolved fit config (runs that differ only in their seeds share it) and its
+    tags (activation, preset); WANDB_RUN_GROUP and WANDB_TAGS (comma-separated), e.g. a sweep's, win."""
+    setup = {k: v for k, v in trajectory(config).items() if not k.endswith("seed") and k != "seed_everything"}
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    activation, preset = config["model"]["arch"]["activation"], preset or "custom"
+    group = os.environ.get("WANDB_RUN_GROUP") or f"{preset}-{activation}-{digest}"  # wandb's own variables
+    tags = [f"activation={activation}", f"preset={preset}"]
+    return group, list(dict.fromkeys(tags + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]))
+
+
+def make_wandb_logger(run_dir: str | Path, project: str = "dynascope", group: str | None = None,
+                      tags: list[str] | None = None) -> WandbLogger:
     """A WandbLogger whose run id lives in RUN_DIR/wandb_id, so a resumed run continues the same run.
     Offline unless WANDB_MODE says otherwise or credentials are configured. Only rank 0 logs to wandb,
     and only rank 0 writes the id."""
@@ -121,7 +179,7 @@ def make_wandb_logger(run_dir: str | Path, project: str = "dynascope") -> WandbL
     run_id = id_file.read_text().strip() if id_file.exists() else None
     offline = os.environ.get("WANDB_MODE", "offline" if not wandb_has_credentials() else "online") == "offline"
     return RunWandbLogger(project=project, name=run_dir.resolve().name, id=run_id, save_dir=str(run_dir),
-                          offline=offline, resume="allow")
+                          offline=offline, resume="allow", group=group, tags=tags)
 
 
 def finish_wandb(trainer) -> None:
@@ -140,22 +198,89 @@ def finish_wandb_run() -> None:
         wandb.run.finish(exit_code=1)
 
 
-def upload_to_wandb(table: Path, plots_dir: Path, out_dir: Path, project: str = "dynascope") -> str:
-    """Log an offline analysis table (metrics.csv: one row per checkpoint, against `trainer/global_step`)
-    and its plots to a new wandb run in `out_dir/wandb`; returns the run's directory."""
+def _mode() -> str:
+    return os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
+
+
+def upload_to_wandb(out_dir: Path, run_dir: Path | None = None, project: str = "dynascope",
+                    config: dict | None = None, group: str | None = None) -> str:
+    """Log an offline analysis (`out_dir`: metrics.csv, summary.json, plots/, the report page) to wandb;
+    returns the wandb run's directory. A run directory's analysis goes into the training run itself (its
+    `wandb_id`): the keys training did not log (those measured against the final checkpoint), the plots,
+    the report and the summary. Any other analysis (of Hugging Face checkpoints) gets a run of its own
+    with `config` and `group`."""
     import wandb
 
-    from dynascope.analysis.records import read_csv
+    from dynascope.analysis.records import read_csv, read_metrics
+    from dynascope.analysis.report import write_report
 
-    rows = read_csv(table)
-    mode = os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
-    run = wandb.init(project=project, dir=str(out_dir), mode=mode, job_type="analyze",
-                     name=f"analyze-{Path(out_dir).resolve().parent.name}")
+    out_dir = Path(out_dir)
+    id_file = run_dir / "wandb_id" if run_dir else None
+    if id_file and id_file.exists():
+        logged = {k for r in read_metrics(run_dir) for k in r} - {"tokens_seen"}
+        run = wandb.init(project=project, dir=str(run_dir), mode=_mode(), id=id_file.read_text().strip(),
+                         resume="allow")
+    else:
+        logged = set()
+        run = wandb.init(project=project, dir=str(out_dir), mode=_mode(), job_type="analyze", config=config,
+                         group=group, name=f"analyze-{out_dir.resolve().name}")
+    run.define_metric(STEP_KEY)
     run.define_metric("*", step_metric=STEP_KEY)
-    for r in rows:
-        run.log({STEP_KEY: int(r["step"]), **{k: v for k, v in r.items() if k not in ("step", "label")}})
-    columns = list(rows[0])
-    run.log({"analysis/table": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
-    run.log({f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(Path(plots_dir).glob("*.png"))})
+    for r in read_csv(out_dir / "metrics.csv"):
+        values = {k: v for k, v in r.items() if k not in ("step", "label", *logged)}
+        if set(values) - {"tokens_seen"}:
+            run.log({STEP_KEY: int(r["step"]), **values})
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out_dir / "plots").glob("*.png"))}
+    report = write_report(run_dir or out_dir)
+    run.log({**images, "report": wandb.Html(report.read_text())})
+    if (out_dir / "summary.json").exists():
+        run.summary.update(read_json(out_dir / "summary.json", "analysis summary"))
     run.finish()
     return run.dir
+
+
+def sync_run(run_dir: Path, project: str | None = None) -> str:
+    """One wandb run rebuilt from a run directory's record, for a run that resumed offline (each
+    session wrote its own offline run directory): its config, group and tags, metrics.jsonl in step
+    order (one value per step and key), the growing tables, the summary and the end-of-fit pictures.
+    Online with credentials; otherwise offline, to upload with `wandb sync`. Returns its directory."""
+    from dynascope.analysis.records import read_metrics, read_table
+
+    config = read_yaml(run_dir / "config.yaml", "run config")
+    rows: dict[int, dict] = {}
+    for r in read_metrics(run_dir):
+        rows.setdefault(r[STEP_KEY], {}).update(r)
+    logger = RunWandbLogger(project=project or config.get("wandb_project") or "dynascope", save_dir=str(run_dir),
+                            name=run_dir.resolve().name, id=f"{(run_dir / 'wandb_id').read_text().strip()}-synced",
+                            offline=_mode() == "offline", group=config.get("wandb_group"),
+                            tags=config.get("wandb_tags"), config=config)
+    for step in sorted(rows):
+        logger.log_metrics({k: v for k, v in rows[step].items() if k != STEP_KEY}, step)
+    for path in sorted((run_dir / "tables").glob("*.jsonl")):
+        for entry in read_table(path):
+            logger.log_growing_table(path.stem.replace("__", "/"), entry["columns"], entry["rows"], entry["step"])
+    if (run_dir / "summary.json").exists():
+        logger.experiment.summary.update(read_json(run_dir / "summary.json", "run summary"))
+    publish_run(run_dir, logger)
+    directory = logger.experiment.dir
+    logger.experiment.finish()
+    return directory
+
+
+def publish_run(run_dir: Path, logger: RunWandbLogger | None) -> None:
+    """The end of a fit: the plots and the report page in the run directory and, with a wandb run, in it
+    too, beside one chart per per-layer metric (the summary reached it as it changed)."""
+    import wandb
+
+    from dynascope.analysis.plots import plot_run
+    from dynascope.analysis.records import read_metrics
+    from dynascope.analysis.report import write_report
+
+    overview, report = plot_run(run_dir), write_report(run_dir)
+    print(f"overview: {overview}\nreport: {report}")
+    if logger is None:
+        return
+    rows = [r for r in read_metrics(run_dir) if "dynamics/seconds" in r]
+    logger.log_layer_charts(rows)
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(overview.parent.glob("*.png"))}
+    logger.experiment.log({**images, "report": wandb.Html(report.read_text())})

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import grad_norm
 
 from dynascope.errors import DynascopeError, require
 from dynascope.train.model import ModelConfig, Transformer
@@ -65,13 +66,11 @@ class LanguageModel(L.LightningModule):
         logits = self._train_forward(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("tokens_seen", float(self.tokens_seen(self.global_step)))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])  # before clipping
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -92,4 +91,6 @@ class LanguageModel(L.LightningModule):
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # named for LearningRateMonitor (declared in the presets): train/lr/pg1 (decayed), train/lr/pg2
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
