@@ -22,9 +22,10 @@ float64 (λ = 1e-3, centred) on 80% of these tokens (seeded split), scored on th
   a mean KL(full ‖ deleted) on the probe positions: the table `frequency/deletion_curve` (ρ = 0.1 …
   0.9), the keys `frequency/deletion_kl_0.3` and `frequency/deletion_kl_random_0.3`, and
   `frequency/deletable_frac_0.01` / `_0.1`: the largest ρ (steps of 1/20) in |A| order whose KL stays
-  below 0.01 / 0.1 nats. Each deletion extends the previous one, so the logits are updated by
-  the newly deleted dimensions only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats). On ~100M-parameter models the thresholded fractions read 0.0 (deleting 5%
+  below 0.01 / 0.1 nats. On ~100M-parameter models the thresholded fractions read 0.0 (deleting 5%
   already costs ~0.1 nats there); the curve shows how fast KL grows and whether |A| order beats chance.
+  Each deletion extends the previous one, so the logits are updated by the newly deleted dimensions
+  only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats on the demo's snapshots).
 - Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) (theory: A ≈ −h̄), and
   `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs) that are
   outlier dimensions, taken from the outliers analysis of the same checkpoint (absent without ODs, or

@@ -137,7 +137,7 @@ def _mark(ax, run: RunData, step: float | None, label: str) -> None:
         ax.text(x, ax.get_ylim()[1], f" {label}", color="crimson", fontsize=7, va="top")
 
 
-def _figure(panels: list[Callable], width: float = 5.2, height: float = 3.8):
+def figure_row(panels: list[Callable], width: float = 5.2, height: float = 3.8):
     """A row of the panels that have something to show: each draws into its axes and returns False when
     it has nothing (a curve that never changes); those are left out."""
     kept = []
@@ -187,7 +187,7 @@ def outlier_figures(run: RunData) -> list:
         kl = {"ODs ablated": "outliers/ablate_kl", "random dims ablated": "outliers/random_kl"}
         return _curves_panel(ax, run, kl, "KL(full ‖ ablated): ODs vs random dimensions", "nats")
 
-    return [_figure([medians, count, ablation])]
+    return [figure_row([medians, count, ablation])]
 
 
 def frequency_figures(run: RunData) -> list:
@@ -240,7 +240,7 @@ def frequency_figures(run: RunData) -> list:
         ax.legend(fontsize=7)
         return True
 
-    return [_figure([pca, fit]), _figure([settles, deletion])]
+    return [figure_row([pca, fit]), figure_row([settles, deletion])]
 
 
 def sparsity_figures(run: RunData) -> list:
@@ -266,7 +266,7 @@ def sparsity_figures(run: RunData) -> list:
                                              run.series("sparsity/interval_grad_norm_max")),
                            "units turned off and revived (all layers) against gradient spikes", "units")
 
-    return [_figure([usage, dead, turning])]
+    return [figure_row([usage, dead, turning])]
 
 
 def regions_figures(run: RunData) -> list:
@@ -303,7 +303,7 @@ def regions_figures(run: RunData) -> list:
         _finish(ax, run, "boundary sharpness S (median, IQR): 1 = no boundary", "S", legend=True)
         return True
 
-    return [_figure([curves, sharpness])]
+    return [figure_row([curves, sharpness])]
 
 
 def vocab_figures(run: RunData) -> list:
@@ -332,7 +332,7 @@ def vocab_figures(run: RunData) -> list:
                                        "layers saved by an oracle": "vocab/oracle_exit_saving"},
                              "early exit: predictive rule vs oracle", "fraction")
 
-    return [_figure([scores, exits])]
+    return [figure_row([scores, exits])]
 
 
 SECTIONS = [
@@ -363,6 +363,23 @@ def _png(fig) -> bytes:
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def embed(fig, path: Path) -> str:
+    """The figure as an <img> embedded in the page (and saved as a PNG at `path`); closes it."""
+    png = _png(fig)
+    path.write_bytes(png)
+    return f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{html.escape(path.stem)}'>"
+
+
+def write_page(out: Path, title: str, body: list[str], style: str = "") -> Path:
+    """Write `out`/index.html: one self-contained page; returns its path."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}{style}</style></head><body>{''.join(body)}</body></html>")
+    index = out / "index.html"
+    with atomic_path(index) as tmp:
+        tmp.write_text(page)
+    return index
 
 
 def _events(run: RunData) -> str:
@@ -404,16 +421,8 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
         if not any(k.startswith(name + "/") for r in run.rows for k in r):
             continue
         body.append(f"<h2>{html.escape(title)}</h2><p class='paper'>{html.escape(paper)}. {html.escape(text)}</p>")
-        for i, fig in enumerate(f for f in figures(run) if f is not None):
-            png = _png(fig)
-            (out / f"{name}_{i}.png").write_bytes(png)
-            body.append(f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='{name} figure {i}'>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>dynascope report — {html.escape(run.name)}"
-            f"</title><style>{_STYLE}</style></head><body>{''.join(body)}</body></html>")
-    index = out / "index.html"
-    with atomic_path(index) as tmp:
-        tmp.write_text(page)
-    return index
+        body += [embed(fig, out / f"{name}_{i}.png") for i, fig in enumerate(f for f in figures(run) if f is not None)]
+    return write_page(out, f"dynascope report — {run.name}", body)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}

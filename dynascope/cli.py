@@ -3,9 +3,13 @@
     dynascope fit --config configs/tiny-relu.yaml [--trainer.max_steps N] [--trainer.default_root_dir DIR]
     dynascope prepare --config CONFIG
     dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
-    dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR ... --out OUT_DIR
+    dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR|REPO@REVISION ... --out OUT_DIR
+    dynascope export RUN_DIR (--step N | --all) OUT_DIR [--push REPO_ID]
     dynascope plot RUN_DIR
     dynascope report RUN_DIR [--out DIR]
+    dynascope sync RUN_DIR [--project P]
+    dynascope sweep --config CONFIG --grid "KEY=V1,V2 ..." --out SWEEP_DIR [--slurm] [fit arguments]
+    dynascope compare DIR ... --out OUT_DIR
 
 Only `fit` imports Lightning; the other commands load what they need when they run.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -24,8 +29,12 @@ COMMANDS = {
     "prepare": "tokenize a config's corpus once, e.g. before a cluster job",
     "batch": "print the text a training step saw",
     "analyze": "replay analyses over a run's snapshots or over Hugging Face checkpoints",
+    "export": "write a run's snapshots as Hugging Face GPT-2 checkpoints, optionally pushed as branches stepN",
     "plot": "draw a run's emergence curves",
     "report": "write one page with each paper's figures for a run (or an `analyze --hf` output directory)",
+    "sync": "upload a run directory's record to wandb as one run (e.g. after offline resumes)",
+    "sweep": "train one run per combination of a grid of settings, one after another or as a Slurm array job",
+    "compare": "write one page overlaying the headline curves of several runs (seeds as bands) and their events",
 }
 
 
@@ -129,10 +138,17 @@ def _analyze(argv: list[str]) -> None:
 
     p = _Parser(prog="dynascope analyze", description=COMMANDS["analyze"])
     p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
-    p.add_argument("--hf", nargs="+", metavar="MODEL_DIR", help="local Hugging Face model directories instead")
+    p.add_argument("--hf", nargs="+", metavar="MODEL",
+                   help="Hugging Face checkpoints instead: local model directories, or hub revisions REPO@REVISION "
+                        "(e.g. EleutherAI/pythia-160m@step1000; REPO@pythia-schedule: Pythia's 154 step branches), "
+                        "read from the local HF cache when offline")
     p.add_argument("--out", help="output directory (required with --hf)")
     p.add_argument("--labels", help="comma-separated labels of the --hf directories, in order (e.g. step1000,...)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
+    p.add_argument("--probe", metavar="FILE", help="with --hf: these probe windows (e.g. RUN_DIR/probe.safetensors)")
+    p.add_argument("--counts", metavar="FILE", help="with --hf: these training token counts (e.g. RUN_DIR/counts.npy)")
+    p.add_argument("--tokens-per-step", type=int, metavar="N",
+                   help="with --hf: tokens_seen = step × N (Pythia: 2097152)")
     p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
     p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
     p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
@@ -150,6 +166,8 @@ def _analyze(argv: list[str]) -> None:
         p.error("give a run directory or --hf MODEL_DIR ... (one of them)")
     if a.hf and not a.out:
         p.error("--hf needs --out OUT_DIR")
+    if not a.hf and (a.probe or a.counts or a.tokens_per_step):
+        p.error("--probe, --counts and --tokens-per-step go with --hf (a run has its own)")
     if sum([a.devices > 1, a.shard is not None, a.merge]) > 1:
         p.error("--devices, --shard and --merge exclude each other")
     out = Path(a.out) if a.hf else Path(a.run) / "analysis"
@@ -157,7 +175,8 @@ def _analyze(argv: list[str]) -> None:
         data = DataConfig(source="files", paths=a.data) if a.data else None
         analyze, kwargs = analyze_hf, dict(model_dirs=a.hf, out_dir=a.out, labels=a.labels.split(",") if a.labels
                                            else None, analyses=a.analyses, data=data, batch_size=a.batch_size or 16,
-                                           options=a.options)
+                                           options=a.options, probe=a.probe, counts=a.counts,
+                                           tokens_per_step=a.tokens_per_step)
     else:
         analyze, kwargs = analyze_run, dict(run_dir=a.run, analyses=a.analyses, steps=_steps(a.steps) if a.steps
                                             else None, batch_size=a.batch_size, options=a.options)
@@ -176,10 +195,44 @@ def _analyze(argv: list[str]) -> None:
     if report.records and not a.no_plot:
         print(f"overview: {plot_run(a.run or a.out)}")
     if report.records and a.wandb:
-        print(f"wandb run: {upload_to_wandb(report.out_dir / 'metrics.csv', report.out_dir / 'plots', report.out_dir)}")
+        hf_run = {"checkpoints": a.hf, "analyses": a.analyses, "options": a.options} if a.hf else None
+        group = f"hf-{a.hf[0].split('@')[0]}" if a.hf else None  # the checkpoints' repository, or directory
+        print(f"wandb run: {upload_to_wandb(report.out_dir, a.run and Path(a.run), config=hf_run, group=group)}")
     if report.skipped:
         print(f"dynascope: {len(report.skipped)} checkpoint(s) skipped: {', '.join(report.skipped)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _export(argv: list[str]) -> None:
+    from dynascope.train.export import export_run, push
+
+    p = _Parser(prog="dynascope export", description=COMMANDS["export"])
+    p.add_argument("run", help="run directory of `dynascope fit`")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--step", type=int, help="the snapshot to export, into OUT_DIR")
+    which.add_argument("--all", action="store_true", help="every snapshot, into OUT_DIR/stepN")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--push", metavar="REPO_ID", help="upload to this hub repo, step N as its branch stepN (Pythia's "
+                                                     "layout); needs `hf auth login`")
+    a = p.parse_args(argv)
+    exports = export_run(a.run, a.out, None if a.all else a.step)
+    for step, path in exports.items():
+        print(f"step {step}: {path}")
+    if a.push:
+        push(exports, a.push)
+        print(f"pushed: https://huggingface.co/{a.push} (branches {', '.join(f'step{s}' for s in exports)})")
+
+
+def _sync(argv: list[str]) -> None:
+    from dynascope.train.loggers import sync_run
+
+    p = _Parser(prog="dynascope sync", description=COMMANDS["sync"])
+    p.add_argument("run", help="run directory of `dynascope fit`")
+    p.add_argument("--project", help="wandb project (default: the run's wandb_project)")
+    a = p.parse_args(argv)
+    if not (Path(a.run) / "wandb_id").is_file():
+        raise DynascopeError(f"{a.run} has no wandb_id: it is not the run directory of a `dynascope fit`")
+    print(f"wandb run: {sync_run(Path(a.run), a.project)}")
 
 
 def _plot(argv: list[str]) -> None:
@@ -201,6 +254,38 @@ def _report(argv: list[str]) -> None:
     print(f"report: {write_report(a.run, a.out)}")
 
 
+def _sweep(argv: list[str]) -> None:
+    from dynascope.train.sweep import MANIFEST, read_grid, sweep
+
+    p = _Parser(prog="dynascope sweep", description=COMMANDS["sweep"], allow_abbrev=False,
+                epilog="Any other arguments are `dynascope fit` arguments, given to every run.")
+    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
+    p.add_argument("--grid", required=True, help='"KEY=V1,V2 KEY=V1,V2 ..." (fit options without dashes; seed sets '
+                   'seed_everything and data.seed), e.g. "seed=1,2 model.arch.activation=relu,gelu", or a YAML file '
+                   "mapping keys to lists of values")
+    p.add_argument("--out", required=True, help="the sweep directory: a run directory per combination")
+    p.add_argument("--slurm", action="store_true", help="submit one Slurm array job of slurm/train.sbatch instead")
+    p.add_argument("--sbatch", default="", help='with --slurm, sbatch options, e.g. --sbatch="--gres=gpu:1 '
+                   '--ntasks-per-node=1"')
+    a, fit_args = p.parse_known_args(argv)
+    done = sweep(a.config, read_grid(a.grid), a.out, fit_args, a.slurm, shlex.split(a.sbatch))
+    compare = f"dynascope compare {a.out}/*=*/ --out {a.out}/compare"  # run names hold "="
+    if a.slurm:
+        print(f"sweep: Slurm array job {done}, its runs listed in {Path(a.out) / MANIFEST}; when it is done: {compare}")
+    else:
+        print(f"sweep: {len(done)} runs in {a.out}; compare them: {compare}")
+
+
+def _compare(argv: list[str]) -> None:
+    from dynascope.analysis.compare import write_compare
+
+    p = _Parser(prog="dynascope compare", description=COMMANDS["compare"])
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories and `analyze --hf` output directories")
+    p.add_argument("--out", required=True, help="where to write index.html and its PNGs")
+    a = p.parse_args(argv)
+    print(f"compare: {write_compare(a.dirs, a.out)}")
+
+
 def _fit(argv: list[str]) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -220,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[0] not in COMMANDS:
         print(f"dynascope: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "plot": _plot,
-                "report": _report}
+    handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "export": _export,
+                "plot": _plot, "report": _report, "sync": _sync, "sweep": _sweep, "compare": _compare}
     try:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
     except (DynascopeError, argparse.ArgumentError) as e:

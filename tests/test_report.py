@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 from conftest import copy_run
 
 from dynascope.analysis.plots import changes
-from dynascope.analysis.report import _figure
+from dynascope.analysis.report import figure_row
 from dynascope.cli import main
 from dynascope.io import write_json
 
@@ -36,7 +36,7 @@ def test_panels_that_never_change_are_left_out():
         ax.plot([0, 1], [0, 1])
         return True
 
-    fig = _figure([drawn, lambda ax: False, drawn])
+    fig = figure_row([drawn, lambda ax: False, drawn])
     assert len(fig.axes) == 2
     plt.close(fig)
-    assert _figure([lambda ax: False]) is None
+    assert figure_row([lambda ax: False]) is None

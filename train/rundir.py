@@ -31,12 +31,13 @@ TRAJECTORY = ("seed_everything", "model", "data", "trainer.accumulate_grad_batch
 NOT_TRAJECTORY = ("model.compile", "data.cache_dir")
 
 
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"model": {"arch": {"activation": "relu"}}} -> {"model.arch.activation": ...}."""
     out = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out |= _flatten(value, name + ".")
+            out |= flatten(value, name + ".")
         else:
             out[name] = value
     return out
@@ -44,7 +45,7 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 def trajectory(config: dict) -> dict[str, Any]:
     """The settings of a resolved fit config (or a run's config.yaml) that shape the trajectory, flattened."""
-    flat = _flatten(config)
+    flat = flatten(config)
     chosen = {k: v for k, v in flat.items() if k.startswith(TRAJECTORY) and not k.startswith(NOT_TRAJECTORY)}
     if flat.get("model.decay_steps") is None:
         chosen["trainer.max_steps"] = flat.get("trainer.max_steps")
