@@ -33,9 +33,10 @@ class Basic(Analysis):
         return [f"blocks.{l}.hook_resid_post" for l in range(self.shape.n_layers)]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        pred, target = logits[:, :-1].float(), tokens[:, 1:]
-        self.loss_sum += F.cross_entropy(pred.reshape(-1, pred.size(-1)), target.reshape(-1), reduction="sum").double()
-        self.n_predictions += target.numel()
+        target = tokens.roll(-1, dims=1)
+        target[:, -1] = -100  # the last position has no next token (ignored: no copy of the logits)
+        self.loss_sum += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum").double()
+        self.n_predictions += target.numel() - len(target)
         norms = torch.stack([cache[n].float().norm(dim=-1).sum() for n in self.hook_names()])
         self.resid_norm_sum += norms.double()
         self.n_positions += tokens.numel()

@@ -25,7 +25,9 @@ float64 (λ = 1e-3, centred) on 80% of these tokens (seeded split), scored on th
   below 0.01 / 0.1 nats. On ~100M-parameter models the thresholded fractions read 0.0 (deleting 5%
   already costs ~0.1 nats there); the curve shows how fast KL grows and whether |A| order beats chance.
   Each deletion extends the previous one, so the logits are updated by the newly deleted dimensions
-  only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats on the demo's snapshots).
+  only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats on the demo's snapshots), on a
+  seeded subsample of at most `deletion_positions` (512) of the positions: on the demo's step-300
+  snapshot (1,700 positions) this moves `deletion_kl_0.3` by 2.4% and `deletion_kl_random_0.3` by 2.7%.
 - Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) (theory: A ≈ −h̄), and
   `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs) that are
   outlier dimensions, taken from the outliers analysis of the same checkpoint (absent without ODs, or
@@ -113,11 +115,12 @@ class Frequency(Analysis):
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, min_count: int = 10, position_stride: int = 4,
                  skip_positions: int = 16, min_r2: float = 0.5, r2_tolerance: float = 0.02,
-                 cos_threshold: float = 0.95, seed: int = 0):
+                 cos_threshold: float = 0.95, deletion_positions: int = 512, seed: int = 0):
         super().__init__(shape, context)
         self.min_count, self.position_stride, self.skip_positions, self.seed = (min_count, position_stride,
                                                                                  skip_positions, seed)
         self.min_r2, self.r2_tolerance, self.cos_threshold = min_r2, r2_tolerance, cos_threshold
+        self.deletion_positions = deletion_positions
         self.add_state("prob_sum", torch.zeros(shape.vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("h", default=[], dist_reduce_fx="cat")
@@ -188,6 +191,9 @@ class Frequency(Analysis):
 
     def _deletion(self, A: torch.Tensor) -> tuple[Table, dict[str, float]]:
         h = dim_zero_cat(self.h)
+        if len(h) > self.deletion_positions:  # a seeded subsample: the curve is a mean over positions
+            g = torch.Generator().manual_seed(self.seed)
+            h = h[torch.randperm(len(h), generator=g)[:self.deletion_positions].to(h.device)]
         by_A = A.abs().argsort()  # least important first
         shuffled = torch.randperm(len(A), generator=torch.Generator().manual_seed(self.seed)).to(A.device)
         kls = deletion_kls(self.view, h, [(by_A, FRACTIONS), (shuffled, CURVE)])

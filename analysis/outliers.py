@@ -127,10 +127,12 @@ def ablation_metrics(view: ModelView, h: torch.Tensor, gold: torch.Tensor | None
         hc = h[i:i + chunk].float()
         z = view.unembed(hc)
         lp = z.log_softmax(-1)
+        p = lp.exp()
         for S, acc, tops in zip(removed, sums, top1, strict=True):
-            lq = _ablated(view, z, hc, W, S).log_softmax(-1)
-            acc["kl"] += (lp.exp() * (lp - lq)).sum().item()
-            acc["entropy"] += -(lq.exp() * lq).sum().item()
+            lq = _ablated(view, z, hc, W, S).log_softmax(-1) if len(S) else lp
+            q = lq.exp() if len(S) else p
+            acc["kl"] += (p * (lp - lq)).sum().item() if len(S) else 0.0
+            acc["entropy"] += -(q * lq).sum().item()
             t = lq.argmax(-1)
             if gold is not None:
                 acc["correct"] += (t == gold[i:i + chunk]).sum().item()
