@@ -43,23 +43,23 @@ def history(path: Path) -> list[dict]:
     return rows
 
 
-def summary(path: Path) -> dict:
+def _updates(path: Path, kind: str) -> dict:
+    """The last value of every top-level key of the run's `kind` records (summary or config)."""
     out = {}
     for r in records(path):
-        if r.WhichOneof("record_type") == "summary":
-            for i in r.summary.update:
+        if r.WhichOneof("record_type") == kind:
+            for i in getattr(r, kind).update:
                 out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
     return out
+
+
+def summary(path: Path) -> dict:
+    return _updates(path, "summary")
 
 
 def config(path: Path) -> dict:
     """The run config's top-level entries, as the last update left them."""
-    out = {}
-    for r in records(path):
-        if r.WhichOneof("record_type") == "config":
-            for i in r.config.update:
-                out[i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
-    return out
+    return _updates(path, "config")
 
 
 def run_info(path: Path) -> pb.RunRecord:
