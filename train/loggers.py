@@ -183,9 +183,13 @@ def make_wandb_logger(run_dir: str | Path, project: str = "dynascope", group: st
 
 
 def finish_wandb(trainer) -> None:
-    """Close the wandb run so the next run in the same process starts its own (rank 0 only)."""
+    """Close the wandb run so the next run in the same process starts its own (rank 0 only), with the run
+    directory's summary.json, the events as they stand at the end, as its summary."""
+    summary = Path(trainer.default_root_dir) / "summary.json"
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            if summary.exists():
+                logger.experiment.summary.update(read_json(summary, "run summary"))
             logger.experiment.finish()
 
 
