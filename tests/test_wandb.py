@@ -16,8 +16,13 @@ from dynascope.train.snapshots import read_manifest
 
 def test_fit_logs_config_step_metrics_growing_tables_layer_charts_and_pictures(tmp_path, corpus_file):
     run = tmp_path / "run"
-    fit_cli(tiny_args(corpus_file, run, 4, "--report", "true"))
+    fit_cli(tiny_args(corpus_file, run, 4, "--report", "true", "--snapshots.wandb_artifacts", "true"))
     (path,) = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
+
+    snapshots = [r.artifact for r in wandb_reader.records(path)
+                 if r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model"]
+    assert [sorted(a.aliases) for a in snapshots] == [["latest", f"step{s}"] for s in sorted(read_manifest(run))]
+    assert {a.name for a in snapshots} == {f"snapshots-{(run / 'wandb_id').read_text().strip()}"}
 
     config = wandb_reader.config(path)  # the whole resolved config, architecture included
     assert config["model"]["arch"] == {**config["model"]["arch"], "activation": "relu", "n_layers": 2, "d_model": 32}

@@ -7,6 +7,7 @@ serialized `wandb.proto.wandb_internal_pb2.Record`.
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -14,9 +15,8 @@ from wandb.proto import wandb_internal_pb2 as pb
 BLOCK = 32768
 
 
-def records(path: Path):
-    data = Path(path).read_bytes()
-    pos, pending = 7, b""
+def _parse(data: bytes) -> list:
+    out, pos, pending = [], 7, b""
     while pos + 7 <= len(data):
         room = BLOCK - pos % BLOCK
         if room < 7:  # block trailer padding
@@ -32,7 +32,25 @@ def records(path: Path):
         if kind in (1, 4):
             r = pb.Record()
             r.ParseFromString(pending)
-            yield r
+            out.append(r)
+    return out
+
+
+def records(path: Path, timeout: float = 60.0) -> list:
+    """The run file's records once wandb has written all of them: wandb-core writes the file in its own
+    process, after `finish()` has returned. Waits for the exit record, or for the file to stop growing
+    for 3 s (a run killed before it could finish)."""
+    start = changed = time.monotonic()
+    size = -1
+    while True:
+        data = Path(path).read_bytes()
+        parsed = _parse(data)
+        if len(data) != size:
+            size, changed = len(data), time.monotonic()
+        now = time.monotonic()
+        if any(r.WhichOneof("record_type") == "exit" for r in parsed) or now - changed > 3 or now - start > timeout:
+            return parsed
+        time.sleep(0.2)
 
 
 def history(path: Path) -> list[dict]:
