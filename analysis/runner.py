@@ -117,8 +117,7 @@ def merge_shards(out_dir: str | Path, names: str | list[str], options: dict[str,
     table = CsvTable(out_dir / "metrics.csv")
     for shard in shards:
         for row in read_csv(shard / "metrics.csv") if (shard / "metrics.csv").exists() else []:
-            table.log_metrics({k: v for k, v in row.items() if k != "step" and (v == v or k == "label")},
-                              int(row["step"]))
+            table.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))  # NaNs too
         for path in sorted((shard / "tables").glob("*.jsonl")):
             for entry in read_table(path):
                 upsert_table(out_dir / "tables", path.stem.replace("__", "/"), entry["step"],
