@@ -228,7 +228,7 @@ def _sync(argv: list[str]) -> None:
 
     p = _Parser(prog="dynascope sync", description=COMMANDS["sync"])
     p.add_argument("run", help="run directory of `dynascope fit`")
-    p.add_argument("--project", help="wandb project (default: the run's wandb_project)")
+    p.add_argument("--project", help="wandb project (default: the run's, from its logger settings)")
     a = p.parse_args(argv)
     if not (Path(a.run) / "wandb_id").is_file():
         raise DynascopeError(f"{a.run} has no wandb_id: it is not the run directory of a `dynascope fit`")

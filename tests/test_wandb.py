@@ -85,3 +85,17 @@ def test_seeds_of_one_setup_share_a_wandb_group_and_other_settings_do_not():
     assert other_group != group and "activation=gelu" in other_tags
     wider = {**config, "model": {**config["model"], "arch": {**config["model"]["arch"], "d_model": 256}}}
     assert wandb_grouping(wider, "tiny-relu")[0] != group
+
+
+def test_loggers_and_monitors_are_declared_in_the_presets_and_printed_by_print_config():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "dynascope.cli", "fit", "--config", "configs/tiny-gpt.yaml",
+                          "--print_config"], capture_output=True, text=True, check=True).stdout
+    trainer = yaml.safe_load(out)["trainer"]
+    assert [lg["class_path"] for lg in trainer["logger"]] == ["dynascope.train.loggers.JsonlLogger",
+                                                              "dynascope.train.loggers.RunWandbLogger"]
+    assert trainer["logger"][1]["init_args"]["project"] == "dynascope"
+    assert [cb["class_path"] for cb in trainer["callbacks"]] == [
+        "dynascope.callbacks.throughput.TrainingThroughput", "lightning.pytorch.callbacks.LearningRateMonitor"]

@@ -29,7 +29,6 @@ from dynascope.train.loggers import (
     RunWandbLogger,
     finish_wandb,
     finish_wandb_run,
-    make_wandb_logger,
     publish_run,
     wandb_grouping,
 )
@@ -71,7 +70,6 @@ class DynascopeCLI(LightningCLI):
         parser.add_lightning_class_args(Snapshots, "snapshots")
         parser.add_lightning_class_args(ResumeCheckpoints, "checkpoints")
         parser.add_lightning_class_args(DynamicsCallback, "dynamics")
-        parser.add_argument("--wandb_project", default="dynascope", help="wandb project of the run")
         parser.add_argument("--wandb_group", type=str | None, default=None,
                             help="wandb group (default: the preset, activation and a hash of the settings other "
                                  "than seeds, so the seeds of one setup sit together)")
@@ -125,9 +123,14 @@ class DynascopeCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_cfg = config["trainer"]
         run_dir = Path(trainer_cfg["default_root_dir"])
-        if trainer_cfg.get("logger") in (None, True):
-            trainer_cfg["logger"] = [JsonlLogger(run_dir), make_wandb_logger(
-                run_dir, config["wandb_project"], config["wandb_group"], config["wandb_tags"])]
+        if trainer_cfg.get("logger") in (None, True):  # a config that declares none: the presets' two
+            trainer_cfg["logger"] = [JsonlLogger(), RunWandbLogger(project="dynascope")]
+        loggers = trainer_cfg["logger"] if isinstance(trainer_cfg["logger"], list) else [trainer_cfg["logger"]]
+        for logger in loggers:  # the loggers write into the run directory, which only now is known
+            if isinstance(logger, JsonlLogger) and logger.run_dir is None:
+                logger.run_dir = run_dir
+            if isinstance(logger, RunWandbLogger):
+                logger.bind(run_dir, config["wandb_group"], config["wandb_tags"])
         trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [RewindOnResume()]
         trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():  # ResumeCheckpoints checkpoints and requeues at SIGUSR1, not Lightning

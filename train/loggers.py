@@ -29,9 +29,12 @@ class JsonlLogger(Logger):
     rewritten atomically. `rewind` drops the rows after a resumed run's checkpoint. Lightning's `epoch`
     is not kept: the batch stream is indexed by step."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path | None = None):
+        """Args:
+            run_dir: Where metrics.jsonl goes (default: the run directory, set by `dynascope fit`).
+        """
         super().__init__()
-        self.run_dir = Path(run_dir)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
         self._step: int | None = None  # the latest step logged, and its values
         self._values: dict[str, float] = {}
 
@@ -115,6 +118,20 @@ class RunWandbLogger(WandbLogger):
         self._tables: dict[str, Any] = {}
         self._declared: set[str] = set()
 
+    def bind(self, run_dir: Path, group: str | None = None, tags: list[str] | None = None,
+             id_suffix: str = "") -> None:
+        """Make this the wandb run of `run_dir` (before its first use): the run id lives in RUN_DIR/wandb_id
+        (written by rank 0 only), so a resumed fit continues the same run; the run's files go under
+        RUN_DIR/wandb; offline unless WANDB_MODE says otherwise or credentials are configured."""
+        id_file = run_dir / "wandb_id"
+        if rank_zero_only.rank == 0 and not id_file.exists():
+            atomic_write_text(id_file, uuid.uuid4().hex[:12])
+        run_id = id_file.read_text().strip() + id_suffix if id_file.exists() else None
+        self._wandb_init.update(id=run_id, dir=str(run_dir), name=run_dir.resolve().name, resume="allow",
+                                group=group, tags=tags)
+        self._save_dir, self._name, self._id = str(run_dir), run_dir.resolve().name, run_id
+        self._offline = _mode() == "offline"
+
     def rewind(self, step: int, replayed_through: int) -> None:
         self._replayed_through = replayed_through
 
@@ -156,6 +173,15 @@ class RunWandbLogger(WandbLogger):
             self.experiment.log({f"layers/{metric}": chart})
 
 
+def wandb_project(config: dict) -> str:
+    """The wandb project of a resolved fit config (its RunWandbLogger's), dynascope by default."""
+    loggers = (config.get("trainer") or {}).get("logger") or []
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and logger.get("class_path", "").endswith("RunWandbLogger"):
+            return (logger.get("init_args") or {}).get("project") or "dynascope"
+    return "dynascope"
+
+
 def wandb_grouping(config: dict, preset: str | None) -> tuple[str, list[str]]:
     """The wandb group of a resolved fit config (runs that differ only in their seeds share it) and its
     tags (activation, preset); WANDB_RUN_GROUP and WANDB_TAGS (comma-separated), e.g. a sweep's, win."""
@@ -165,21 +191,6 @@ def wandb_grouping(config: dict, preset: str | None) -> tuple[str, list[str]]:
     group = os.environ.get("WANDB_RUN_GROUP") or f"{preset}-{activation}-{digest}"  # wandb's own variables
     tags = [f"activation={activation}", f"preset={preset}"]
     return group, list(dict.fromkeys(tags + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]))
-
-
-def make_wandb_logger(run_dir: str | Path, project: str = "dynascope", group: str | None = None,
-                      tags: list[str] | None = None) -> WandbLogger:
-    """A WandbLogger whose run id lives in RUN_DIR/wandb_id, so a resumed run continues the same run.
-    Offline unless WANDB_MODE says otherwise or credentials are configured. Only rank 0 logs to wandb,
-    and only rank 0 writes the id."""
-    run_dir = Path(run_dir)
-    id_file = run_dir / "wandb_id"
-    if rank_zero_only.rank == 0 and not id_file.exists():
-        atomic_write_text(id_file, uuid.uuid4().hex[:12])
-    run_id = id_file.read_text().strip() if id_file.exists() else None
-    offline = os.environ.get("WANDB_MODE", "offline" if not wandb_has_credentials() else "online") == "offline"
-    return RunWandbLogger(project=project, name=run_dir.resolve().name, id=run_id, save_dir=str(run_dir),
-                          offline=offline, resume="allow", group=group, tags=tags)
 
 
 def finish_wandb(trainer) -> None:
@@ -254,10 +265,8 @@ def sync_run(run_dir: Path, project: str | None = None) -> str:
     rows: dict[int, dict] = {}
     for r in read_metrics(run_dir):
         rows.setdefault(r[STEP_KEY], {}).update(r)
-    logger = RunWandbLogger(project=project or config.get("wandb_project") or "dynascope", save_dir=str(run_dir),
-                            name=run_dir.resolve().name, id=f"{(run_dir / 'wandb_id').read_text().strip()}-synced",
-                            offline=_mode() == "offline", group=config.get("wandb_group"),
-                            tags=config.get("wandb_tags"), config=config)
+    logger = RunWandbLogger(project=project or wandb_project(config), config=config)
+    logger.bind(run_dir, config.get("wandb_group"), config.get("wandb_tags"), id_suffix="-synced")  # a new run
     for step in sorted(rows):
         logger.log_metrics({k: v for k, v in rows[step].items() if k != STEP_KEY}, step)
     for path in sorted((run_dir / "tables").glob("*.jsonl")):
