@@ -197,7 +197,6 @@ def analyze_run(run_dir: str | Path, analyses: str | list[str] = "all", steps: l
         return TransformerView.from_snapshot(arch, load_snapshot(run_dir, step, device=device),
                                              str(snapshot_path(run_dir, step)))
 
-
     checkpoints = shard_of([Checkpoint(s, float(manifest[s]["tokens_seen"]), str(s)) for s in chosen], shard)
     return _replay(checkpoints, load_view, str(max(manifest)), probe, analyses, context,
                    shard_dir(run_dir / "analysis", shard), batch_size or dynamics.get("batch_size", 16), device,
