@@ -196,11 +196,9 @@ def wandb_grouping(config: dict, preset: str | None) -> tuple[str, list[str]]:
 def finish_wandb(trainer) -> None:
     """Close the wandb run so the next run in the same process starts its own (rank 0 only), with the run
     directory's summary.json, the events as they stand at the end, as its summary."""
-    summary = Path(trainer.default_root_dir) / "summary.json"
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
-            if summary.exists():
-                logger.experiment.summary.update(read_json(summary, "run summary"))
+            logger.experiment.summary.update(_summary(Path(trainer.default_root_dir)))
             logger.experiment.finish()
 
 
@@ -215,6 +213,20 @@ def finish_wandb_run() -> None:
 
 def _mode() -> str:
     return os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
+
+
+def _summary(directory: Path) -> dict:
+    """DIRECTORY/summary.json (the events as they stand), empty when there is none."""
+    path = directory / "summary.json"
+    return read_json(path, "summary") if path.exists() else {}
+
+
+def _pictures(plots_dir: Path, report: Path) -> dict:
+    """The PNGs of `plots_dir` as `plots/<name>` images and the report page as `report`, to log to wandb."""
+    import wandb
+
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(plots_dir.glob("*.png"))}
+    return {**images, "report": wandb.Html(report.read_text())}
 
 
 def upload_to_wandb(out_dir: Path, run_dir: Path | None = None, project: str = "dynascope",
@@ -245,11 +257,8 @@ def upload_to_wandb(out_dir: Path, run_dir: Path | None = None, project: str = "
         values = {k: v for k, v in r.items() if k not in ("step", "label", *logged)}
         if set(values) - {"tokens_seen"}:
             run.log({STEP_KEY: int(r["step"]), **values})
-    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted((out_dir / "plots").glob("*.png"))}
-    report = write_report(run_dir or out_dir)
-    run.log({**images, "report": wandb.Html(report.read_text())})
-    if (out_dir / "summary.json").exists():
-        run.summary.update(read_json(out_dir / "summary.json", "analysis summary"))
+    run.log(_pictures(out_dir / "plots", write_report(run_dir or out_dir)))
+    run.summary.update(_summary(out_dir))
     run.finish()
     return run.dir
 
@@ -272,8 +281,7 @@ def sync_run(run_dir: Path, project: str | None = None) -> str:
     for path in sorted((run_dir / "tables").glob("*.jsonl")):
         for entry in read_table(path):
             logger.log_growing_table(path.stem.replace("__", "/"), entry["columns"], entry["rows"], entry["step"])
-    if (run_dir / "summary.json").exists():
-        logger.experiment.summary.update(read_json(run_dir / "summary.json", "run summary"))
+    logger.experiment.summary.update(_summary(run_dir))
     publish_run(run_dir, logger)
     directory = logger.experiment.dir
     logger.experiment.finish()
@@ -283,8 +291,6 @@ def sync_run(run_dir: Path, project: str | None = None) -> str:
 def publish_run(run_dir: Path, logger: RunWandbLogger | None) -> None:
     """The end of a fit: the plots and the report page in the run directory and, with a wandb run, in it
     too, beside one chart per per-layer metric (the summary reached it as it changed)."""
-    import wandb
-
     from dynascope.analysis.plots import plot_run
     from dynascope.analysis.records import read_metrics
     from dynascope.analysis.report import write_report
@@ -295,5 +301,4 @@ def publish_run(run_dir: Path, logger: RunWandbLogger | None) -> None:
         return
     rows = [r for r in read_metrics(run_dir) if "dynamics/seconds" in r]
     logger.log_layer_charts(rows)
-    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(overview.parent.glob("*.png"))}
-    logger.experiment.log({**images, "report": wandb.Html(report.read_text())})
+    logger.experiment.log(_pictures(overview.parent, report))
