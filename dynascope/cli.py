@@ -212,10 +212,12 @@ def _export(argv: list[str]) -> None:
     which.add_argument("--step", type=int, help="the snapshot to export, into OUT_DIR")
     which.add_argument("--all", action="store_true", help="every snapshot, into OUT_DIR/stepN")
     p.add_argument("out", help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="export into a non-empty directory, replacing only the export's own files there")
     p.add_argument("--push", metavar="REPO_ID", help="upload to this hub repo, step N as its branch stepN (Pythia's "
                                                      "layout); needs `hf auth login`")
     a = p.parse_args(argv)
-    exports = export_run(a.run, a.out, None if a.all else a.step)
+    exports = export_run(a.run, a.out, None if a.all else a.step, a.overwrite)
     for step, path in exports.items():
         print(f"step {step}: {path}")
     if a.push:

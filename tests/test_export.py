@@ -142,3 +142,28 @@ def test_exported_run_analyzes_as_the_run(tiny_run, tmp_path):
     worst = max(differences, key=differences.get)
     print(f"max |Δ| {differences[worst]:.2e} at {worst} over {len(differences)} values")
     assert differences[worst] <= 1e-4
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
+    cfg = make_run(tmp_path / "run")
+    out = tmp_path / "mymodels"
+    (out / "other").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    (out / "other" / "a.bin").write_bytes(b"\x00\x01")
+    (out / "config.json").write_text("{}")  # a stale file of the export's own name
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "run"), "--step", "3", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and str(out) in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt", "other"]
+    assert (out / "config.json").read_text() == "{}"
+
+    main(["export", str(tmp_path / "run"), "--step", "3", str(out), "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "other" / "a.bin").read_bytes() == b"\x00\x01"
+    assert max_logit_difference(tmp_path / "run", cfg, 3, out) <= 1e-5  # config.json replaced by the export's
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".mymodels")]  # no temporary directory left
+
+    main(["export", str(tmp_path / "run"), "--all", str(out)])  # beside the other files, in new stepN folders
+    assert (out / "notes.txt").read_text() == "mine" and (out / "step0" / "config.json").is_file()
+    with pytest.raises(DynascopeError, match="step0 is not empty"):  # every target checked before any is written
+        export_run(tmp_path / "run", out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,9 +58,21 @@ def gpt2_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str
     return out
 
 
-def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path) -> Path:
-    """Write the run's snapshot at `step` to `out_dir` as a GPT-2 model directory with the run's tokenizer."""
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """An export goes into a new or empty directory; with `overwrite` into any directory, where it replaces
+    only the files it writes itself."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DynascopeError(f"export target {out_dir} is a file; give a directory")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise DynascopeError(f"export target {out_dir} is not empty; give a new or empty directory, or --overwrite "
+                             "to replace the export's own files in it (other files are left alone)")
+
+
+def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the run's snapshot at `step` to `out_dir` as a GPT-2 model directory with the run's tokenizer.
+    Files of `out_dir` that the export does not write are never touched (see `check_target`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    check_target(out_dir, overwrite)
     config = read_yaml(run_dir / "config.yaml", "run config")
     cfg = ModelConfig(**config["model"]["arch"])
     supported = "export writes GPT-2 checkpoints: activation gelu or relu, norm layernorm"
@@ -79,28 +92,33 @@ def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path) -> Path
     model.load_state_dict(gpt2_weights(cfg, load_snapshot(run_dir, step)), strict=True)
     tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos,
                                           model_max_length=cfg.context_length)
-    # written beside the target and renamed, so an interrupted export leaves no half model directory
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    # written beside the target, then each file renamed into it: an interrupted export leaves no half file
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        out_dir.mkdir(exist_ok=True)
+        for path in tmp.iterdir():
+            os.replace(path, out_dir / path.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> dict[int, Path]:
-    """Export one snapshot into `out_dir`, or (`step` None) every snapshot into `out_dir/stepN`."""
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None,
+               overwrite: bool = False) -> dict[int, Path]:
+    """Export one snapshot into `out_dir`, or (`step` None) every snapshot into `out_dir/stepN`; every target
+    is checked before the first is written."""
     manifest = read_manifest(run_dir)
     if not manifest:
         raise DynascopeError(f"{Path(run_dir) / 'snapshots'} holds no snapshots to export")
     if step is not None and step not in manifest:
         raise DynascopeError(f"--step {step}: {run_dir} has no snapshot at that step (have {sorted(manifest)})")
-    if step is not None:
-        return {step: export_snapshot(run_dir, step, out_dir)}
-    return {s: export_snapshot(run_dir, s, Path(out_dir) / f"step{s}") for s in sorted(manifest)}
+    targets = {step: Path(out_dir)} if step is not None else {s: Path(out_dir) / f"step{s}" for s in sorted(manifest)}
+    for target in targets.values():
+        check_target(target, overwrite)
+    return {s: export_snapshot(run_dir, s, target, overwrite) for s, target in targets.items()}
 
 
 def push(exports: dict[int, Path], repo_id: str, api: HfApi | None = None) -> None:
