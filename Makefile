@@ -16,13 +16,13 @@ install: $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/dynascope fit --config configs/tiny-relu.yaml --trainer.default_root_dir $(RUN)
-	$(VENV)/bin/dynascope analyze $(RUN) --no-plot
+	$(VENV)/bin/dynascope analyze $(RUN)
 	@echo "run directory:  $(RUN)"
 	@echo "snapshots:      $(RUN)/snapshots/ (manifest.jsonl lists step, tokens seen, sha256)"
 	@echo "metrics:        $(RUN)/metrics.jsonl"
 	@echo "wandb run:      $$(ls -d $(RUN)/wandb/*run-* | tail -1)  (upload with: wandb sync <dir>)"
 	@echo "offline table:  $(RUN)/analysis/metrics.csv"
-	@$(VENV)/bin/dynascope plot $(RUN)
+	@echo "report page:    $(RUN)/report/index.html (PNGs in $(RUN)/plots/)"
 
 test: install
 	$(PY) -m pytest -q

@@ -8,7 +8,7 @@ probe set, the same under any sharding), which accumulates into states declared 
 `add_state(..., dist_reduce_fx=...)` (so the same code reduces across data-parallel ranks and runs
 offline in one process), and calls:
 
-- `compute() -> Result`: pure. It reads the states, the bound view and what was carried from the
+- `compute() -> Measurement`: pure. It reads the states, the bound view and what was carried from the
   previous checkpoint, and returns everything the analysis reports for this checkpoint: values
   (keys `<name>/<metric>` or `<name>/<metric>/L{l}`), tables, summary events, and the carry for the
   next checkpoint. Calling it twice gives the same result.
@@ -20,7 +20,7 @@ held at every later one, revised when it fails. `compute()` reports them with `s
 and a merge of sharded replays recomputes them from the merged table with the same rules.
 
 An analysis that uses another's result for the same checkpoint names it in `reads`; it is computed
-after it and finds its `Result` in `self.peers`. Any analysis can also watch training between
+after it and finds its `Measurement` in `self.peers`. Any analysis can also watch training between
 checkpoints: it lists hook names in `training_hook_names()` and accumulates the training forward
 passes' activations in `observe_training()`, and each optimizer step's loss and gradient norm in
 `observe_step()`, into declared states, which are reduced over ranks at the checkpoint like every
@@ -29,9 +29,8 @@ other state.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from lightning_utilities import apply_to_collection  # torchmetrics' own dependency, not Lightning
@@ -40,21 +39,20 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.view import Cache, ModelShape, ModelView
-from dynascope.errors import DynascopeError
+from dynascope.core.errors import DynascopeError
+from dynascope.core.records import Table
+from dynascope.core.settings import check_named_options
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from dynascope.analysis.figures import RunPlot
 
 REGISTRY: dict[str, type[Analysis]] = {}
 
 
 @dataclass
-class Table:
-    """A small table logged at one checkpoint (e.g. the outlier dimensions, a median curve)."""
-
-    columns: list[str]
-    rows: list[list]
-
-
-@dataclass
-class Result:
+class Measurement:
     """What one analysis reports for one checkpoint, and what it carries to the next."""
 
     values: dict[str, float]
@@ -107,11 +105,18 @@ class Analysis(Metric):
     training_keys: ClassVar[tuple[str, ...]] = ()  # key prefixes measured on the training stream (online only)
     final_keys: ClassVar[tuple[str, ...]] = ()  # key prefixes measured against the final checkpoint (offline only)
     curve_tables: ClassVar[tuple[str, ...]] = ()  # tables (x column, then one series per column) to plot per step
+    # what the pages show: the section's title, the paper followed and what it leads one to expect, the
+    # curves the compare page overlays (default: the headline) and their reference lines
+    title: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    expectation: ClassVar[str] = ""
+    compare_keys: ClassVar[tuple[str, ...]] = ()
+    reference_lines: ClassVar[dict[str, float]] = {}
     full_state_update = False
 
     view: ModelView  # the checkpoint being measured, bound by `bind`
     step: int
-    peers: dict[str, Result]  # results of the analyses named in `reads`, set before compute()
+    peers: dict[str, Measurement]  # results of the analyses named in `reads`, set before compute()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -121,8 +126,27 @@ class Analysis(Metric):
     def __init__(self, shape: ModelShape, context: AnalysisContext):
         super().__init__(compute_with_cache=False)  # compute() is pure; recomputing must agree
         self.shape, self.context = shape, context
+        self.list_states: set[str] = set()  # states reduced by concatenation ("cat"), kept as lists
         self.revisions: dict[str, list] = {}  # each event's onset revisions so far
         self.previous_values: dict[str, float] | None = None  # what the events compare with
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        """The report page's figures of this analysis, drawn from a run's history (default: the headline
+        curve); a figure with nothing to show is left out."""
+        return [fig for fig in [plot.row([lambda ax: plot.headline(ax, cls.headline)])] if fig is not None]
+
+    @classmethod
+    def compared(cls) -> tuple[str, ...]:
+        """The metrics the compare page overlays (a per-layer metric without its `/L{l}`)."""
+        return cls.compare_keys or (cls.headline.rpartition("/L")[0] if cls.headline.rpartition("/L")[2].isdigit()
+                                    else cls.headline,)
+
+    def add_state(self, name: str, default: torch.Tensor | list, dist_reduce_fx: str | None = None,
+                  persistent: bool = False) -> None:
+        super().add_state(name, default, dist_reduce_fx=dist_reduce_fx, persistent=persistent)
+        if isinstance(default, list):
+            self.list_states.add(name)
 
     def bind(self, view: ModelView, step: int) -> None:
         """The checkpoint to measure: set once per checkpoint, before the first `update`."""
@@ -134,14 +158,14 @@ class Analysis(Metric):
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         raise NotImplementedError
 
     @property
     def carried(self) -> tuple[str, ...]:
         return (*self.carry, "revisions", "previous_values")
 
-    def advance(self, result: Result) -> None:
+    def advance(self, result: Measurement) -> None:
         """Adopt the result's carry as the state seen by the next checkpoint's `compute()`."""
         for name, value in result.carry.items():
             if name not in self.carried:
@@ -173,8 +197,8 @@ class Analysis(Metric):
         """The carry and the declared states, reduced over ranks (a collective), for a resume checkpoint.
         Between checkpoints only training-stream states hold data; probe states are empty."""
         with self.sync_context(should_sync=True):
-            states = {name: _saved(getattr(self, name), as_list=isinstance(default, list))
-                      for name, default in self._defaults.items()}
+            states = {name: _saved(value, as_list=name in self.list_states)
+                      for name, value in self.metric_state.items()}
         return {"carry": {k: getattr(self, k) for k in self.carried}, "states": states}
 
     def load_checkpoint_state(self, state: dict[str, Any], with_states: bool = True) -> None:
@@ -187,7 +211,7 @@ class Analysis(Metric):
             if k in self.carried:
                 setattr(self, k, here(v))
         for k, v in (state.get("states", {}) if with_states else {}).items():
-            if k in self._defaults:
+            if k in self.metric_state:
                 setattr(self, k, here(v))
 
 
@@ -213,16 +237,7 @@ def resolve(names: str | list[str]) -> list[str]:
 
 def check_options(options: dict[str, dict]) -> None:
     """Every analysis named in `options` is registered and takes each option given for it."""
-    unknown = sorted(set(options) - set(REGISTRY))
-    if unknown:
-        raise DynascopeError(f"dynamics.options names unknown analyses {unknown}; registered: {', '.join(REGISTRY)}")
-    for name, kwargs in options.items():
-        if not isinstance(kwargs, dict):
-            raise DynascopeError(f"dynamics.options.{name}={kwargs!r}: give a mapping of option names to values")
-        accepted = list(inspect.signature(REGISTRY[name]).parameters)[2:]  # after the shape and the context
-        bad = sorted(set(kwargs) - set(accepted))
-        if bad:
-            raise DynascopeError(f"dynamics.options.{name}: unknown option(s) {bad}; {name} takes {accepted}")
+    check_named_options(options, REGISTRY, "dynamics.options", "analyses", fixed=2)  # after the shape and context
 
 
 def build(names: str | list[str], shape: ModelShape, context: AnalysisContext | None = None,

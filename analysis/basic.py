@@ -14,13 +14,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement
 from dynascope.analysis.view import Cache, ModelShape
 
 
 class Basic(Analysis):
     name = "basic"
     headline = "basic/probe_loss"
+    title = "Probe loss"
+    expectation = "Mean next-token cross-entropy on the fixed held-out probe windows: it falls as the model learns."
 
     def __init__(self, shape: ModelShape, context: AnalysisContext):
         super().__init__(shape, context)
@@ -41,11 +43,11 @@ class Basic(Analysis):
         self.resid_norm_sum += norms.double()
         self.n_positions += tokens.numel()
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         out = {"basic/probe_loss": (self.loss_sum / self.n_predictions).item()}
         for l, s in enumerate((self.resid_norm_sum / self.n_positions).tolist()):
             out[f"basic/resid_norm/L{l}"] = s
         rows = self.view.output_embeddings.detach().float().norm(dim=-1)
         out |= {"basic/unembed_row_norm_mean": rows.mean().item(), "basic/unembed_row_norm_std": rows.std().item(),
                 "basic/unembed_row_norm_max": rows.max().item()}
-        return Result(out)
+        return Measurement(out)

@@ -51,12 +51,18 @@ averaged α over was not retrievable (spec §7); its KL threshold for "deletable
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.figures import RunPlot
 from dynascope.analysis.outliers import deep_positions, spearman
 from dynascope.analysis.view import Cache, ModelShape, ModelView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FRACTIONS = [i / 20 for i in range(1, 20)]  # deletion fractions in |A| order
 CURVE = [i / 10 for i in range(1, 10)]  # the logged deletion curve (and its random-order control)
@@ -112,6 +118,13 @@ class Frequency(Analysis):
     carry = ("prev_A", "prev_W")
     reads = ("outliers",)
     final_keys = ("frequency/dist_to_final",)
+    title = "Frequency in the unembedding"
+    paper = "Cho et al. 2025"
+    expectation = ("How linearly −log corpus frequency can be read from each token's output embedding (held-out fit). "
+                   "Expect the first PC to order tokens by frequency, R² to rise early and settle while the weights "
+                   "are still far from their final values, and deletion in |A| order to cost less than a random "
+                   "order.")
+    compare_keys = ("frequency/r2_corpus", "frequency/direction_cos_prev")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, min_count: int = 10, position_stride: int = 4,
                  skip_positions: int = 16, min_r2: float = 0.5, r2_tolerance: float = 0.02,
@@ -137,7 +150,7 @@ class Frequency(Analysis):
                               stride=self.position_stride)  # the outliers analysis's positions, thinned
         self.h.append(cache["ln_final.hook_normalized"][keep].float())
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         W = self.view.output_embeddings.detach().double()
         out: dict[str, float] = {}
         tables: dict[str, Table] = {}
@@ -150,7 +163,7 @@ class Frequency(Analysis):
             out["frequency/dist_to_final"] = ((W - final).norm() / final.norm()).item()
         counts = self.context.counts
         if counts is None:
-            return Result(out, carry=carry)
+            return Measurement(out, carry=carry)
         counts = counts.to(device=W.device, dtype=torch.float64)[:len(W)]
         tokens = torch.nonzero(counts >= self.min_count).flatten()  # padded rows lie beyond the counts
         y = -(counts[tokens] / counts.sum()).log()
@@ -165,7 +178,7 @@ class Frequency(Analysis):
         out |= deletion
         tables |= self._figures(W[tokens], y, test, pred, target[test])
         summary, events = self.onsets(out)
-        return Result(out, tables, summary, carry | {"prev_A": A32.detach().clone()} | events)
+        return Measurement(out, tables, summary, carry | {"prev_A": A32.detach().clone()} | events)
 
     def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
         """Converged: R² high enough and no longer moving, and the direction A no longer turning."""
@@ -220,3 +233,58 @@ class Frequency(Analysis):
                                        torch.stack([pcs[some, 0], pcs[some, 1], rank[some]], 1).tolist()),
                 "frequency/fit": Table(["actual -log f", "predicted -log f"],
                                        torch.stack([actual[held], pred[held]], 1).tolist())}
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        history = plot.history
+
+        def pca(ax) -> bool:
+            entries = history.table("frequency/pca")
+            if not entries:
+                return False
+            rows = entries[-1]["rows"]
+            points = ax.scatter([r[0] for r in rows], [r[1] for r in rows], c=[r[2] for r in rows], cmap="viridis_r",
+                                s=6)
+            ax.figure.colorbar(points, ax=ax).set_label("frequency rank (0 = most frequent)", fontsize=8)
+            ax.set(xlabel="PC 1", ylabel="PC 2")
+            ax.set_title(f"unembedding rows, first two PCs (step {entries[-1]['step']})", fontsize=10)
+            return True
+
+        def fit(ax) -> bool:
+            entries = history.table("frequency/fit")
+            if not entries:
+                return False
+            rows = entries[-1]["rows"]
+            ax.scatter([r[0] for r in rows], [r[1] for r in rows], s=6, alpha=0.6)
+            lo, hi = min(min(r) for r in rows), max(max(r) for r in rows)
+            ax.plot([lo, hi], [lo, hi], color="crimson", linewidth=1)
+            ax.set(xlabel="actual −log frequency", ylabel="predicted from the output embedding")
+            ax.set_title(f"held-out tokens, R² = {history.last('frequency/r2_corpus'):.3f} "
+                         f"(step {entries[-1]['step']})", fontsize=10)
+            ax.grid(alpha=0.3)
+            return True
+
+        def settles(ax) -> bool:
+            offline = bool(plot.series("frequency/dist_to_final")[0])
+            key, label = (("frequency/dist_to_final", "‖E − E_final‖ / ‖E_final‖") if offline
+                          else ("frequency/wu_rel_change", "‖E − E_prev‖ / ‖E‖"))
+            drawn = plot.two_scales(ax, {"R² (corpus frequency)": plot.series("frequency/r2_corpus")},
+                                    (label, plot.series(key)), "the encoding settles before the weights do", "R²")
+            plot.mark(ax, history.summary.get("frequency/converged_step"), "converged")
+            return drawn
+
+        def deletion(ax) -> bool:
+            entries = history.table("frequency/deletion_curve")
+            if not entries:
+                return False
+            rows = entries[-1]["rows"]
+            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="smallest |A| first")
+            ax.plot([r[0] for r in rows], [r[2] for r in rows], marker="s", label="random order")
+            ax.set_yscale("log")
+            ax.set(xlabel="fraction of dimensions deleted", ylabel="mean KL (nats)")
+            ax.set_title(f"dimension deletion (step {entries[-1]['step']})", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            return True
+
+        return [fig for fig in [plot.row([pca, fit]), plot.row([settles, deletion])] if fig is not None]

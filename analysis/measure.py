@@ -4,7 +4,7 @@
 probe batch with the union of the requested hooks, feeds every analysis from it (with the batch's
 global probe-window indices), then per analysis computes (a collective under torch.distributed;
 analyses that read another's result come after it), advances its carry and resets its states. It
-returns one `Record`, which a `Recorder` (records.py) writes everywhere, with each analysis's time
+returns one `CheckpointRecord`, which a `Recorder` (`dynascope.outputs`) writes everywhere, with each analysis's time
 (its updates and its compute; the shared forward pass is nobody's), which training logs as
 `dynamics/seconds/<analysis>`.
 """
@@ -14,41 +14,29 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 
-from dynascope.analysis.base import Analysis, Result, Table
+from dynascope.analysis.base import Analysis, Measurement
 from dynascope.analysis.view import ModelView
+from dynascope.core.records import CheckpointRecord
 
 
-@dataclass
-class Record:
-    """Everything measured at one checkpoint: values, tables and summary events of every analysis."""
-
-    step: int
-    tokens_seen: float = math.nan
-    label: str = ""  # the checkpoint's name offline (e.g. a Hugging Face directory); the step otherwise
-    values: dict[str, float] = field(default_factory=dict)
-    tables: dict[str, Table] = field(default_factory=dict)
-    summary: dict[str, float | None] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)  # each analysis's time (its updates and compute)
-
-    def add(self, result: Result) -> None:
-        self.values |= result.values
-        self.tables |= result.tables
-        self.summary |= result.summary
+def stage_count(analyses: list[Analysis], windows: int, batch_size: int) -> int:
+    """How many stages `measure` reports to its `progress`: one per probe batch, then one per analysis."""
+    return math.ceil(windows / batch_size) + len(analyses)
 
 
 def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step: int,
             tokens_seen: float = math.nan, batch_size: int = 16, label: str = "", first_window: int = 0,
-            progress: Callable[[str], None] = lambda stage: None) -> Record:
+            progress: Callable[[str], None] = lambda stage: None) -> CheckpointRecord:
     """Measure `analyses` on this rank's `probe` windows (the probe set's windows from `first_window` on)
-    at checkpoint `step`; `progress` hears what is running (e.g. to show it in a progress bar)."""
+    at checkpoint `step`; `progress` hears each stage as it starts (`stage_count` of them, e.g. to show them
+    in a progress bar)."""
     names = sorted({n for a in analyses for n in a.hook_names()})
-    record = Record(step, tokens_seen, label or str(step), seconds={a.name: 0.0 for a in analyses})
+    record = CheckpointRecord(step, tokens_seen, label or str(step), seconds={a.name: 0.0 for a in analyses})
 
-    def timed(a: Analysis, fn: Callable[[], Result | None]) -> Result | None:
+    def timed(a: Analysis, fn: Callable[[], Measurement | None]) -> Measurement | None:
         start = time.perf_counter()
         out = fn()
         record.seconds[a.name] += time.perf_counter() - start
@@ -64,14 +52,16 @@ def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step
             logits, cache = view.run_with_cache(batch, names)
             for a in analyses:
                 timed(a, lambda: a.update(batch, logits, cache, windows))
-        results: dict[str, Result] = {}
+        results: dict[str, Measurement] = {}
         for a in _in_reading_order(analyses):
             progress(a.name)
             a.peers = {name: results[name] for name in a.reads if name in results}
             results[a.name] = timed(a, a.compute)
             a.advance(results[a.name])
             a.reset()
-            record.add(results[a.name])
+            record.values |= results[a.name].values
+            record.tables |= results[a.name].tables
+            record.summary |= results[a.name].summary
     return record
 
 

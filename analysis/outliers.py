@@ -54,14 +54,18 @@ non-OD dimensions without also excluding the unembedding's own outlier dimension
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.figures import RunPlot, time_colors
 from dynascope.analysis.view import Cache, ModelShape, ModelView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 N_RANDOM = 5
 N_MEDIANS = 32  # sorted medians kept in the `outliers/medians` table
@@ -175,6 +179,13 @@ class Outliers(Analysis):
     name = "outliers"
     headline = "outliers/score_max"
     carry = ("prev_ods",)
+    title = "Outlier dimensions"
+    paper = "Macocco et al. 2025"
+    expectation = ("Last-layer dimensions whose median |h_d| exceeds the 99th percentile of all |h| (the threshold). "
+                   "Expect none early, then a few after warmup; ablating them should cost far more than ablating "
+                   "random dimensions, and push predictions away from frequent tokens.")
+    compare_keys = ("outliers/count", "outliers/score_max")
+    reference_lines = {"outliers/score_max": 1.0}  # > 1: an OD
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, skip_positions: int = 16, seed: int = 0):
         super().__init__(shape, context)
@@ -191,7 +202,7 @@ class Outliers(Analysis):
         self.h.append(cache["ln_final.hook_normalized"][keep].float())
         self.gold.append(tokens.roll(-1, dims=1)[keep])
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         h, gold = dim_zero_cat(self.h), dim_zero_cat(self.gold)
         ods, med, T = outlier_dims(h)
         d = h.shape[1]
@@ -210,7 +221,7 @@ class Outliers(Analysis):
                                             [[i, dim, v] for i, (dim, v) in
                                              enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))])}
         summary, events = self.onsets(out)
-        return Result(out, tables, summary, {"prev_ods": od_list} | events)
+        return Measurement(out, tables, summary, {"prev_ods": od_list} | events)
 
     def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
         return {"outliers/emergence_step": values["outliers/count"] >= 1}
@@ -257,3 +268,41 @@ class Outliers(Analysis):
         out["outliers/svd_spike_overlap"] = float(overlap)
         out["outliers/svd_spike_pvalue"] = (random_overlap >= overlap).double().mean().item()
         return out
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        history = plot.history
+
+        def medians(ax) -> bool:
+            entries = history.table("outliers/medians")
+            if not entries:
+                return False
+            picks = sorted({entries[0]["step"], entries[len(entries) // 2]["step"], entries[-1]["step"]})
+            for color, entry in zip(time_colors(len(picks)), [e for e in entries if e["step"] in picks], strict=True):
+                values = [row[2] for row in entry["rows"]]
+                ax.plot(range(len(values)), values, marker="o", markersize=3, color=color,
+                        label=f"step {entry['step']}")
+            for row in entries[-1]["rows"]:
+                if row[2] > 1:
+                    ax.annotate(f"d{row[1]}", (row[0], row[2]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.axhline(1.0, color="crimson", linewidth=1)
+            ax.text(len(values) - 1, 1.0, "threshold T", color="crimson", fontsize=7, ha="right", va="bottom")
+            ax.set_xlabel("dimensions, by median |h_d|")
+            ax.set_ylabel("median |h_d| / T")
+            ax.set_title("outlier dimensions: sorted medians against the threshold", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            return True
+
+        def count(ax) -> bool:
+            drawn = plot.two_scales(ax, {"OD count": plot.series("outliers/count")},
+                                    ("max median / T (> 1: an OD)", plot.series("outliers/score_max")),
+                                    "OD count over training", "ODs")
+            plot.mark(ax, history.summary.get("outliers/emergence_step"), "emergence")
+            return drawn
+
+        def ablation(ax) -> bool:
+            kl = {"ODs ablated": "outliers/ablate_kl", "random dims ablated": "outliers/random_kl"}
+            return plot.curves(ax, kl, "KL(full ‖ ablated): ODs vs random dimensions", "nats")
+
+        return [fig for fig in [plot.row([medians, count, ablation])] if fig is not None]

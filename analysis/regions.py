@@ -36,12 +36,18 @@ scripts 11 or 30); S depends on N, so keep it fixed across runs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.figures import RunPlot, changes, layer_color, time_colors
 from dynascope.analysis.view import Cache, ModelShape
-from dynascope.errors import DynascopeError
+from dynascope.core.errors import DynascopeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 JUMP = 0.2
 MIN_D1 = 0.01
@@ -51,6 +57,11 @@ class Regions(Analysis):
     name = "regions"
     headline = "regions/sharpness_median"
     curve_tables = ("regions/median_curve",)
+    title = "Stable regions in the residual stream"
+    paper = "Janiak et al. 2024"
+    expectation = ("Output distance along the straight path between two prompts' residuals. A straight line (S ≈ 1) "
+                   "at initialisation; a sigmoid-like step, and S rising with training, once stable regions form.")
+    reference_lines = {"regions/sharpness_median": 1.0}  # 1: no region boundary
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, write_layers: list[int] | None = None,
                  n_alpha: int = 21, prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512):
@@ -119,7 +130,7 @@ class Regions(Analysis):
         values = getattr(self, f"{state}_L{w}")
         return dim_zero_cat(values) if len(values) else torch.empty(0)
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         out: dict[str, float] = {}
         for i, w in enumerate(self.write_layers):
             s = self._cat("sharpness", w)
@@ -143,4 +154,41 @@ class Regions(Analysis):
             columns += [f"L{w}", f"L{w} p25", f"L{w} p75"]
         alpha = torch.linspace(0, 1, self.n_alpha)
         rows = torch.stack([alpha, *(s.cpu() for s in series)], dim=1).tolist()
-        return Result(out, tables={"regions/median_curve": Table(columns, rows)})
+        return Measurement(out, tables={"regions/median_curve": Table(columns, rows)})
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        def curves(ax) -> bool:
+            entries = plot.history.table("regions/median_curve")
+            if not entries:
+                return False
+            columns = entries[0]["columns"]
+            first = columns[1]
+            j, lo, hi = columns.index(first), columns.index(f"{first} p25"), columns.index(f"{first} p75")
+            picks = entries if len(entries) <= 5 else [entries[round(i * (len(entries) - 1) / 4)] for i in range(5)]
+            for color, entry in zip(time_colors(len(picks)), picks, strict=True):
+                rows = entry["rows"]
+                alpha = [r[0] for r in rows]
+                ax.plot(alpha, [r[j] for r in rows], color=color, label=f"step {entry['step']}")
+                ax.fill_between(alpha, [r[lo] for r in rows], [r[hi] for r in rows], color=color, alpha=0.12)
+            ax.plot([0, 1], [0, 1], color="gray", linewidth=0.5, linestyle=":")
+            ax.set(xlabel="α (A → B)", ylabel="d̃(α) = d(α)/d(1)")
+            ax.set_title(f"median output distance along the path, write layer {first[1:]} (IQR band)", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            return True
+
+        def sharpness(ax) -> bool:
+            layers = plot.layered("regions/sharpness_median")  # per write layer
+            if not any(changes(ys) for _, ys in layers.values()):
+                return False
+            for l, (xs, ys) in layers.items():
+                color = layer_color(l, plot.n_layers)
+                ax.plot(xs, ys, marker="o", markersize=3, color=color, label=f"write layer {l}")
+                ax.fill_between(xs, plot.series(f"regions/sharpness_p25/L{l}")[1],
+                                plot.series(f"regions/sharpness_p75/L{l}")[1], color=color, alpha=0.15)
+            ax.axhline(1.0, color="gray", linewidth=0.5)
+            plot.finish(ax, "boundary sharpness S (median, IQR): 1 = no boundary", "S", legend=True)
+            return True
+
+        return [fig for fig in [plot.row([curves, sharpness])] if fig is not None]

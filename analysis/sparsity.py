@@ -48,13 +48,18 @@ presets).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement
+from dynascope.analysis.figures import RunPlot, changes
 from dynascope.analysis.view import Cache, ModelShape
-from dynascope.errors import DynascopeError
+from dynascope.core.errors import DynascopeError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PERCENTILES = (5, 25, 50, 75, 95)
 
@@ -64,6 +69,12 @@ class Sparsity(Analysis):
     headline = "sparsity/batch_usage/L0"  # the overview draws every layer of this metric
     carry = ("pending", "prev_alive", "prev_freq", "init_dead")
     training_keys = tuple(f"sparsity/{k}" for k in ("dead_", "turned_off", "revived", "sleeping_frac", "interval_"))
+    title = "ReLU sparsity and neuron death"
+    paper = "Wild & Anderson 2024"
+    expectation = ("Units active at least once in a fixed token window, per layer, and units that stop firing on the "
+                   "training stream. Expect the first layer to collapse while the last stays used, and units to turn "
+                   "off in bursts unrelated to gradient spikes if death follows training dynamics.")
+    compare_keys = ("sparsity/batch_usage", "sparsity/dead_frac")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, batch_window_tokens: int = 8192,
                  dead_min_tokens: int = 2 ** 20, dead_source: str = "training", sleep_margin: float = 0.1):
@@ -130,7 +141,7 @@ class Sparsity(Analysis):
             self.train_loss_jump_max.fill_(max(self.train_loss_jump_max.item(), loss - self._last_loss))
         self._last_loss = loss
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         density, seq = dim_zero_cat(self.density), dim_zero_cat(self.seq_usage)
         q = torch.tensor([p / 100 for p in PERCENTILES], device=density.device)
         dq = density.quantile(q, dim=0)  # [P, L]
@@ -145,9 +156,9 @@ class Sparsity(Analysis):
             out |= {f"sparsity/{k}/L{l}": v for k, v in per.items()}
         stream = self._stream()
         if stream is None or stream["tokens"] < self.dead_min_tokens:
-            return Result(out, carry={"pending": stream})
+            return Measurement(out, carry={"pending": stream})
         values, carry = self._judge(stream)
-        return Result(out | values, carry=carry | {"pending": None})
+        return Measurement(out | values, carry=carry | {"pending": None})
 
     def _stream(self) -> dict | None:
         """The tokens death is judged on: the probe set, or the training stream since the last judgement."""
@@ -191,3 +202,30 @@ class Sparsity(Analysis):
             out |= {f"sparsity/interval_{k}": stream[k] if math.isfinite(stream[k]) else math.nan
                     for k in ("grad_norm_max", "loss_jump_max")}
         return out, {"prev_alive": alive.clone(), "prev_freq": freq.clone(), "init_dead": init_dead}
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        def usage(ax) -> bool:
+            tokens = plot.history.last("sparsity/batch_window_tokens")
+            return plot.layers(ax, "sparsity/batch_usage", f"batch usage ({tokens:,.0f}-token window)",
+                               "units active at least once", emphasise_ends=True)
+
+        def dead(ax) -> bool:
+            return plot.layers(ax, "sparsity/dead_frac", "dead units (judged on the training stream)",
+                               "fraction of units")
+
+        def turning(ax) -> bool:
+            totals = {}
+            for kind in ("turned_off", "revived", "dead_expected_chance"):
+                layers = plot.layered(f"sparsity/{kind}")
+                if layers:
+                    xs = next(iter(layers.values()))[0]
+                    totals[kind.replace("_", " ")] = (xs, [sum(layers[l][1][i] for l in layers)
+                                                           for i in range(len(xs))])
+            if not any(changes(ys) for _, ys in totals.values()):
+                return False  # nothing turned off or revived: the grad-norm spikes alone say nothing
+            return plot.two_scales(ax, totals, ("max grad norm in the interval",
+                                                plot.series("sparsity/interval_grad_norm_max")),
+                                   "units turned off and revived (all layers) against gradient spikes", "units")
+
+        return [fig for fig in [plot.row([usage, dead, turning])] if fig is not None]

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dynascope.errors import DynascopeError
-from dynascope.train.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.errors import DynascopeError
+from dynascope.core.model import HookPoint, ModelConfig, Transformer
 
 Cache = dict[str, torch.Tensor]
 HookFn = Callable[[torch.Tensor], torch.Tensor | None]
@@ -182,19 +182,18 @@ class TransformerView(ModelView):
 
     def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
                             names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
-        """As `ModelView.patch_last_position`, computing only what the patch changes: the last position,
-        from block `layer + 1` on, attending to the earlier positions' keys and values of one clean pass
-        (activations the patch cannot reach, in blocks up to `layer`, are the clean pass's)."""
+        """As `ModelView.patch_last_position`, computing only what the patch changes: the last position, from
+        block `layer + 1` on (`Transformer.forward_from`), over the earlier positions' keys and values of one
+        clean pass (activations the patch cannot reach, in blocks up to `layer`, are the clean pass's)."""
         P, N, d = vectors.shape
-        blocks = self.model.blocks[layer + 1:]
-        inputs = [f"blocks.{layer + 1 + i}.ln1.hook_normalized" for i in range(len(blocks))]
-        _, clean = self.run_with_cache(tokens, [*inputs, *names])
+        later = range(layer + 1, self.shape.n_layers)
+        kv = [f"blocks.{l}.attn.hook_{x}" for l in later for x in "kv"]
+        _, clean = self.run_with_cache(tokens, [*kv, *names])
+        past = [tuple(clean[f"blocks.{l}.attn.hook_{x}"][:, :-1].repeat_interleave(N, dim=0) for x in "kv")
+                for l in later]
         cache = {n: clean[n][:, -1:].repeat_interleave(N, dim=0) for n in names}
         with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
-            x = vectors.reshape(P * N, 1, d)
-            for block, name in zip(blocks, inputs, strict=True):
-                x = block(x, clean[name][:, :-1])
-            logits = self.model.unembed(self.model.ln_final(x))
+            logits = self.model.forward_from(vectors.reshape(P * N, 1, d), layer + 1, past)
         return logits.view(P, N, -1), {n: c.view(P, N, *c.shape[2:]) for n, c in cache.items()}
 
     @property

@@ -45,10 +45,16 @@ sub-updates are drawn with replacement. With GELU, m_i can be negative, so score
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Result, Table
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.figures import RunPlot, finite
 from dynascope.analysis.view import Cache, ModelShape
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TOP = 10
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -58,6 +64,12 @@ SCORE_KINDS = ("promotion", "random", "promoted", "eliminated")
 class Vocab(Analysis):
     name = "vocab"
     headline = "vocab/saturation_layer_mean"
+    title = "FFN sub-updates in vocabulary space"
+    paper = "Geva et al. 2022"
+    expectation = ("Scores e_w · m_i v_i of the 10 dominant FFN sub-updates. The paper: the promoted token scores far "
+                   "above the eliminated ones, whose mean is ≈ 0, and random sub-updates score ≈ 0; an early exit "
+                   "rule saves ~20% of layers at ~95% accuracy.")
+    compare_keys = ("vocab/saturation_layer_mean", "vocab/exit_saving")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, position_stride: int = 8, table_values: int = 8,
                  top_k: int = 10, coherence_values: int = 64, exit_target_accuracy: float = 0.95, seed: int = 0):
@@ -156,7 +168,7 @@ class Vocab(Analysis):
             self.eliminated_scores[:, l] += per_event[:, has].double().sum(-1)
             self.n_eliminated[l] += has.double().sum()
 
-    def compute(self) -> Result:
+    def compute(self) -> Measurement:
         L, n = self.shape.n_layers, self.n_positions
         layers = torch.arange(L, dtype=torch.float64, device=self.saturation_hist.device)
         hist = self.saturation_hist
@@ -188,7 +200,7 @@ class Vocab(Analysis):
                   "vocab/exit_curve": Table(["threshold", "fit accuracy", "held-out accuracy", "held-out saving"],
                                             [[t, *vals] for t, vals in zip(THRESHOLDS, torch.stack(
                                                 [accuracy[0], accuracy[1], saving[1]], 1).tolist(), strict=True)])}
-        return Result(out, tables=tables)
+        return Measurement(out, tables=tables)
 
     def value_top_tokens(self, layer: int, units: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k token ids of E·v_i for each unit i: [len(units), k]."""
@@ -212,6 +224,38 @@ class Vocab(Analysis):
             return sims[:, off].mean().item()
 
         return coherence(values[self.sampled_values[layer].to(values.device)]), coherence(random)
+
+    @classmethod
+    def figures(cls, plot: RunPlot) -> list[Figure]:
+        history = plot.history
+
+        def scores(ax) -> bool:
+            layers = list(range(plot.n_layers))
+            drawn = False
+            for key, label, style in (("promoted_max", "promoted token, max", "-o"),
+                                      ("eliminated_max", "eliminated tokens, max", "-s"),
+                                      ("eliminated_mean", "eliminated tokens, mean", ":s"),
+                                      ("random_max", "random sub-updates, max", "--x")):
+                ys = [history.last(f"vocab/{key}/L{l}") for l in layers]
+                if any(finite(y) for y in ys):
+                    ax.plot(layers, ys, style, label=label)
+                    drawn = True
+            ax.axhline(0, color="gray", linewidth=0.5)
+            ax.set(xlabel="layer", ylabel="e_w · m_i v_i")
+            ax.set_xticks(layers)
+            ax.set_title(f"dominant sub-updates at saturation events (step {history.rows[-1]['step']:.0f})",
+                         fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            return drawn
+
+        def exits(ax) -> bool:
+            return plot.curves(ax, {"accuracy (held-out)": "vocab/exit_accuracy",
+                                    "layers saved (held-out)": "vocab/exit_saving",
+                                    "layers saved by an oracle": "vocab/oracle_exit_saving"},
+                               "early exit: predictive rule vs oracle", "fraction")
+
+        return [fig for fig in [plot.row([scores, exits])] if fig is not None]
 
 
 def _scores(m: torch.Tensor, values: torch.Tensor, e: torch.Tensor, units: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,13 @@ import torch
 
 from dynascope.analysis.base import build, resolve
 from dynascope.analysis.measure import measure
-from dynascope.analysis.probe import PROBE_FILE, load_probe
-from dynascope.analysis.runner import run_context, run_options
+from dynascope.analysis.replay import run_context, run_options
 from dynascope.analysis.view import TransformerView
-from dynascope.io import read_yaml
-from dynascope.train.model import ModelConfig
-from dynascope.train.snapshots import load_snapshot, read_manifest
+from dynascope.core.io import read_yaml
+from dynascope.core.model import ModelConfig
+from dynascope.core.probe import load_probe
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.snapshots import load_snapshot, read_manifest
 
 
 def seconds(fn, repeats: int, device: str) -> float:
@@ -49,12 +50,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    config = read_yaml(a.run / "config.yaml", "run config")
+    run = RunFiles(a.run)
+    config = read_yaml(run.config, "run config")
     arch = ModelConfig(**config["model"]["arch"])
     step = a.step if a.step is not None else max(read_manifest(a.run))
     view = TransformerView.from_snapshot(arch, load_snapshot(a.run, step))
     view.model.to(a.device)
-    probe = load_probe(a.run / PROBE_FILE)
+    probe = load_probe(run.probe)
     batch_size = (config.get("dynamics") or {}).get("batch_size", 16)
     context, options = run_context(a.run, config), run_options(a.run)
     context.final_output_embeddings = view.output_embeddings.detach().clone()

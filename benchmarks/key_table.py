@@ -13,7 +13,7 @@ import math
 import sys
 from collections import defaultdict
 
-from dynascope.analysis.plots import LAYER, load_rows
+from dynascope.core.records import LAYER, RunHistory
 
 
 def fmt(value: float) -> str:
@@ -23,7 +23,7 @@ def fmt(value: float) -> str:
 
 
 def main(run_dir: str) -> None:
-    rows, _, _ = load_rows(run_dir)
+    rows = RunHistory.load(run_dir).rows
     first, last = rows[0], rows[-1]
     keys: dict[str, list[str]] = defaultdict(list)
     for key in sorted({k for r in rows for k in r if "/" in k and not k.startswith(("dynamics/", "trainer/"))}):

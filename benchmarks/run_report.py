@@ -12,14 +12,15 @@ measurements when the monitor left them out).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
 
+from dynascope.core.records import read_metrics
+
 
 def report(run_dir: Path) -> dict:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
 
     def mean(key: str) -> float | None:
         values = [r[key] for r in rows if key in r]

@@ -3,72 +3,33 @@
 It knows nothing about any phenomenon. At each step of the checkpoint schedule (including step 0,
 before the first update) it switches to eval mode, measures the checkpoint on every rank's shard
 of the probe set (`measure`, a collective), restores train mode, and on rank 0 hands the record to
-the run's `Recorder`, which writes it to every logger (metrics.jsonl, wandb), summary.json and
-tables/. Analyses that watch training get forward hooks on the training passes and each optimizer
-step's loss and gradient norm. While it measures, the training progress bar names the stage; the
+the run's `Recorder` (set by `dynascope fit`), which writes it to every sink. Analyses that watch
+training get forward hooks on the training passes and each optimizer step's loss and gradient norm.
+While it measures, a progress bar of its own shows the stage (with the Trainer's bars enabled); the
 time it spends (`seconds`) is left out of the training throughput (callbacks/throughput.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import Logger, WandbLogger
+from tqdm import tqdm
+from typing_extensions import override
 
 from dynascope.analysis import build, resolve
-from dynascope.analysis.base import Analysis, AnalysisContext, Table, check_options
-from dynascope.analysis.measure import measure
-from dynascope.analysis.probe import PROBE_FILE, load_probe, sample_probe, save_probe, shard
-from dynascope.analysis.records import Recorder, Sink
+from dynascope.analysis.base import Analysis, AnalysisContext, check_options
+from dynascope.analysis.measure import measure, stage_count
 from dynascope.analysis.view import TransformerView
 from dynascope.callbacks.snapshots import OnSchedule, Snapshots
-from dynascope.errors import require
-from dynascope.train.loggers import RunWandbLogger
-from dynascope.train.schedule import CheckpointSchedule
-
-
-class LoggerSink(Sink):
-    """A Lightning logger as a record sink; wandb also gets the summary and the tables (one growing table
-    per key)."""
-
-    def __init__(self, logger: Logger):
-        self.logger = logger
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.logger.log_metrics({k: v for k, v in metrics.items() if k != "label"}, step=step)
-
-    def log_summary(self, summary: dict[str, float | None]) -> None:
-        if isinstance(self.logger, WandbLogger):
-            self.logger.experiment.summary.update(summary)
-
-    def log_table(self, key: str, table: Table, step: int) -> None:
-        if isinstance(self.logger, RunWandbLogger):
-            self.logger.log_growing_table(key, table.columns, table.rows, step)
-
-
-@contextlib.contextmanager
-def _shown_in(trainer: L.Trainer, step: int) -> Iterator[Callable[[str], None]]:
-    """A function that shows a measurement's stage in the training progress bar, which would otherwise
-    sit still; the bar's own text comes back afterwards."""
-    bar, text = trainer.progress_bar_callback, f"analysing step {step}"
-    if isinstance(bar, TQDMProgressBar) and bar.is_enabled and bar._train_progress_bar is not None:
-        yield lambda stage: bar.train_progress_bar.set_postfix_str(f"{text}: {stage}")  # reset at the next batch
-    elif isinstance(bar, RichProgressBar) and bar.is_enabled and bar.progress is not None \
-            and getattr(bar, "train_progress_bar_id", None) is not None:
-        own = bar.train_progress_bar.description
-        yield lambda stage: (bar.progress.update(bar.train_progress_bar_id, description=f"{own} · {text}: {stage}"),
-                             bar.refresh())
-        bar.progress.update(bar.train_progress_bar_id, description=own)
-    else:
-        yield lambda stage: None
+from dynascope.core.errors import require
+from dynascope.core.probe import load_probe, sample_probe, save_probe, shard
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.schedule import CheckpointSchedule
+from dynascope.outputs import Recorder
 
 
 class DynamicsCallback(OnSchedule):
@@ -94,30 +55,32 @@ class DynamicsCallback(OnSchedule):
         self._train_hooks: list = []
         self._global_zero = True
         self.seconds = 0.0  # spent measuring in this session (training throughput leaves it out)
+        self.recorder: Recorder | None = None  # rank 0's, set by `dynascope fit`
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         snapshots = [cb for cb in trainer.callbacks if isinstance(cb, Snapshots)]
         self.schedule = snapshots[0].schedule if snapshots else CheckpointSchedule()
-        run_dir = Path(trainer.default_root_dir)
+        run = RunFiles(trainer.default_root_dir)
         corpus = trainer.datamodule.corpus
-        if (run_dir / PROBE_FILE).exists():
-            probe = load_probe(run_dir / PROBE_FILE)
+        if run.probe.exists():
+            probe = load_probe(run.probe)
         else:  # seeded, so every rank draws the same windows; rank 0 keeps them for offline replay
             probe = sample_probe(corpus.tokens("val"), self.probe_windows, pl_module.arch.context_length,
                                  self.probe_seed)
             if trainer.is_global_zero:
-                save_probe(run_dir / PROBE_FILE, probe)
+                save_probe(run.probe, probe)
         self.probe, self.first_window = shard(probe, trainer.global_rank, trainer.world_size, self.batch_size)
         context = AnalysisContext(torch.from_numpy(corpus.counts()), corpus.tokenizer(), corpus.meta["eos_id"])
         if trainer.is_global_zero:  # the offline runner reads the same tokenizer and corpus counts
-            context.tokenizer.save(str(run_dir / "tokenizer.json"))
-            np.save(run_dir / "counts.npy", context.counts.numpy())
-            self.recorder = Recorder(run_dir, [LoggerSink(logger) for logger in trainer.loggers])
+            context.tokenizer.save(str(run.tokenizer))
+            np.save(run.counts, context.counts.numpy())
         self.view = TransformerView(pl_module.model)
         self.analyses = build(self.names, self.view.shape, context, self.options, trainer.strategy.root_device)
         self._global_zero = trainer.is_global_zero
         self._restore()
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Training-stream hooks see the training forward pass (grad enabled), not the no-grad probe passes.
         self._train_hooks = [
@@ -125,14 +88,14 @@ class DynamicsCallback(OnSchedule):
                                if torch.is_grad_enabled() else None)
             for a in self.analyses for name in a.training_hook_names()]
         self._stepped = trainer.global_step
-        if trainer.ckpt_path is not None and trainer.is_global_zero:  # resumed: tables continue from its step
-            self.recorder.rewind(trainer.global_step)
         super().on_train_start(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._train_hooks:
             handle.remove()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         if trainer.global_step != self._stepped:  # once per optimizer step, not per micro-batch
             self._stepped = trainer.global_step
@@ -145,20 +108,26 @@ class DynamicsCallback(OnSchedule):
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()
-        with _shown_in(trainer, step) as progress:
+        shown = trainer.is_global_zero and trainer.progress_bar_callback is not None \
+            and trainer.progress_bar_callback.is_enabled
+        with tqdm(total=stage_count(self.analyses, len(self.probe), self.batch_size), desc=f"analysing step {step}",
+                  leave=False, disable=not shown) as bar:
             record = measure(self.view, self.analyses, self.probe, step, float(pl_module.tokens_seen(step)),
-                             self.batch_size, first_window=self.first_window, progress=progress)
+                             self.batch_size, first_window=self.first_window,
+                             progress=lambda stage: (bar.set_postfix_str(stage, refresh=False), bar.update()))
         pl_module.train(was_training)
         seconds = time.perf_counter() - start
         self.seconds += seconds
         record.values["dynamics/seconds"] = seconds
         record.values |= {f"dynamics/seconds/{name}": s for name, s in record.seconds.items()}
-        if trainer.is_global_zero:
+        if self.recorder is not None:
             self.recorder.write(record)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"analyses": {a.name: a.checkpoint_state() for a in self.analyses}, "last_step": self._last_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved = state_dict["analyses"]
         self._last_step = state_dict["last_step"]

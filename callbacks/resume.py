@@ -25,9 +25,12 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.distributed import ReduceOp
+from typing_extensions import override
 
-from dynascope.errors import require
-from dynascope.io import atomic_path, read_jsonl
+from dynascope.core.errors import require
+from dynascope.core.io import atomic_path
+from dynascope.core.runfiles import RunFiles
+from dynascope.outputs import Recorder
 
 RANKED = (None, signal.SIGTERM, signal.SIGUSR1)  # what stops training, in the order of precedence
 
@@ -35,6 +38,7 @@ RANKED = (None, signal.SIGTERM, signal.SIGUSR1)  # what stops training, in the o
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, writing to a temporary file that is renamed over the target."""
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
@@ -56,10 +60,12 @@ class ResumeCheckpoints(Checkpoint):
         self._saved_step = -1
         self._previous_handler: Any = None
 
+    @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.dirpath = Path(trainer.default_root_dir) / "checkpoints"
+        self.files = RunFiles(trainer.default_root_dir)
         self._previous_handler = signal.signal(signal.SIGUSR1, self._on_signal)
 
+    @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous_handler is not None:
             signal.signal(signal.SIGUSR1, self._previous_handler)
@@ -68,9 +74,11 @@ class ResumeCheckpoints(Checkpoint):
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signalled = signum  # only a flag: the checkpoint is saved at the end of the batch, on every rank
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._seen_step = trainer.global_step
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step == self._seen_step:
@@ -78,9 +86,9 @@ class ResumeCheckpoints(Checkpoint):
         self._seen_step = step
         stop = self._agreed_signal(trainer)
         if self.every_n_steps and step % self.every_n_steps == 0:
-            self._save(trainer, f"step_{step:08d}.ckpt")
+            self._save(trainer, self.files.checkpoint(step))
         elif stop:
-            self._save(trainer, "last.ckpt")
+            self._save(trainer, self.files.last_checkpoint)
         if stop:  # `dynascope fit` requeues a Slurm job (SIGUSR1) once the run has closed its files
             self.stopped_by = stop
             trainer.should_stop = True
@@ -92,23 +100,24 @@ class ResumeCheckpoints(Checkpoint):
         code = torch.tensor(RANKED.index(signalled), device=trainer.strategy.root_device)
         return RANKED[int(trainer.strategy.reduce(code, reduce_op=ReduceOp.MAX))]
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._saved_step != trainer.global_step:
-            self._save(trainer, "last.ckpt")
+            self._save(trainer, self.files.last_checkpoint)
 
+    @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # SIGTERM reached another rank between batches: Lightning stops every rank there, still in step
         if isinstance(exception, SIGTERMException) and self._saved_step != trainer.global_step:
-            self._save(trainer, "last.ckpt")
+            self._save(trainer, self.files.last_checkpoint)
             self.stopped_by = signal.SIGTERM
 
-    def _save(self, trainer: L.Trainer, name: str) -> None:
+    def _save(self, trainer: L.Trainer, path: Path) -> None:
         """Save on every rank (a collective under sharded strategies); `last.ckpt` then names the newest."""
-        path = self.dirpath / name
         trainer.save_checkpoint(path)
         self._saved_step = trainer.global_step
-        if trainer.is_global_zero and name != "last.ckpt":
-            with atomic_path(self.dirpath / "last.ckpt") as tmp:
+        if trainer.is_global_zero and path != self.files.last_checkpoint:
+            with atomic_path(self.files.last_checkpoint) as tmp:
                 try:
                     os.link(path, tmp)
                 except OSError:  # a file system without hard links
@@ -130,11 +139,10 @@ class RewindOnResume(L.Callback):
     """A resumed run continues its records from the checkpoint's step: what was logged after it belongs
     to the part of the trajectory that was lost, and is logged again as it is replayed."""
 
+    def __init__(self, recorder: Recorder | None):
+        self.recorder = recorder  # rank 0's; None elsewhere
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path is None or not trainer.is_global_zero:
-            return
-        logged = read_jsonl(Path(trainer.default_root_dir) / "metrics.jsonl", "metrics log")
-        replayed_through = max((r["trainer/global_step"] for r in logged), default=trainer.global_step)
-        for logger in trainer.loggers:
-            if hasattr(logger, "rewind"):
-                logger.rewind(trainer.global_step, replayed_through)
+        if trainer.ckpt_path is not None and self.recorder is not None:
+            self.recorder.rewind(trainer.global_step)

@@ -1,6 +1,6 @@
 """Callbacks that act on the checkpoint schedule, and the one that writes weights-only snapshots.
 
-Snapshots (files and manifest: `dynascope.train.snapshots`) are what analyses read, online and
+Snapshots (files and manifest: `dynascope.core.snapshots`) are what analyses read, online and
 offline. The analysis callback (`dynamics.py`) fires on the same steps, so every logged point can be
 recomputed offline from its snapshot.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import WandbLogger
+from typing_extensions import override
 
-from dynascope.errors import require
-from dynascope.train.schedule import CheckpointSchedule
-from dynascope.train.snapshots import write_snapshot
+from dynascope.core.errors import require
+from dynascope.core.schedule import CheckpointSchedule
+from dynascope.core.snapshots import write_snapshot
 
 
 class OnSchedule(L.Callback):
@@ -24,10 +24,12 @@ class OnSchedule(L.Callback):
     schedule: CheckpointSchedule
     _last_step = -1
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:
             self._maybe_act(trainer, pl_module)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         self._maybe_act(trainer, pl_module)
 
@@ -69,14 +71,15 @@ class Snapshots(OnSchedule):
                     "config_hash": pl_module.arch.hash(), "trajectory_hash": self.trajectory_hash}
             path = write_snapshot(trainer.default_root_dir, step, weights, meta)
             if self.wandb_artifacts:
-                for logger in trainer.loggers:
-                    if isinstance(logger, WandbLogger):
-                        _log_artifact(logger.experiment, path, step)
+                _log_artifact(path, step)
 
 
-def _log_artifact(run, path: Path, step: int) -> None:
+def _log_artifact(path: Path, step: int) -> None:
+    """The snapshot as a version of the run's model artifact, in this process's wandb run (the run's wandb
+    output), if it has one."""
     import wandb
 
-    artifact = wandb.Artifact(f"snapshots-{run.id}", type="model", metadata={"step": step})
-    artifact.add_file(str(path))
-    run.log_artifact(artifact, aliases=[f"step{step}"])
+    if wandb.run is not None:
+        artifact = wandb.Artifact(f"snapshots-{wandb.run.id}", type="model", metadata={"step": step})
+        artifact.add_file(str(path))
+        wandb.run.log_artifact(artifact, aliases=[f"step{step}"])

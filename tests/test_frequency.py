@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from fakes import FakeView
+from helpers import FakeView
 from torch import nn
 
 from dynascope.analysis import build
@@ -9,7 +9,7 @@ from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.frequency import deletion_kls
 from dynascope.analysis.measure import measure
 from dynascope.analysis.view import TransformerView
-from dynascope.train.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.model import HookPoint, ModelConfig, Transformer
 
 V, D = 3000, 32
 

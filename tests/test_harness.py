@@ -5,16 +5,15 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dynascope.analysis import REGISTRY, build
-from dynascope.analysis.base import Analysis, AnalysisContext, Result
+from dynascope.analysis.base import Analysis, AnalysisContext, Measurement
 from dynascope.analysis.measure import measure
-from dynascope.analysis.probe import shard
-from dynascope.analysis.records import read_csv, read_metrics
 from dynascope.analysis.view import TransformerView
-from dynascope.train.model import ModelConfig, Transformer
+from dynascope.core.model import ModelConfig, Transformer
+from dynascope.core.probe import shard
+from dynascope.core.records import read_csv, read_metrics
+from dynascope.core.runfiles import RunFiles
 
 NAMES = sorted(REGISTRY)
 VOCAB = 64
@@ -42,7 +41,7 @@ def analysis(name: str, device: str = "cpu") -> Analysis:
 
 def same(x, y) -> bool:
     """Equal results, carried values and tables, with NaN equal to NaN."""
-    if isinstance(x, Result):
+    if isinstance(x, Measurement):
         return all(same(getattr(x, f), getattr(y, f)) for f in ("values", "tables", "summary", "carry"))
     if isinstance(x, dict):
         return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
@@ -59,46 +58,42 @@ def same(x, y) -> bool:
 def test_compute_is_pure(name):
     a = analysis(name)
     measure(view(0), [a], probe(), step=0)  # something to carry
-    carried = {k: getattr(a, k) for k in a.carry}
+    carried = {k: getattr(a, k) for k in a.carried}
+    assert set(a.carry) < set(a.carried)  # the onsets' state too
     v = view(1)
     a.bind(v, 1)
     logits, cache = v.run_with_cache(probe(), a.hook_names())
     a.update(probe(), logits, cache, torch.arange(len(probe())))
     first, second = a.compute(), a.compute()
     assert first.values and same(first, second)
-    assert same(carried, {k: getattr(a, k) for k in a.carry})  # only advance() changes the carry
+    assert same(carried, {k: getattr(a, k) for k in a.carried})  # only advance() changes what is carried
 
 
-def _two_ranks(rank: int, path: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+def _every_analysis(rank: int) -> list[dict]:
     analyses = [analysis(name) for name in NAMES]
     windows, first = shard(probe(), rank, 2, unit=2)
-    results[rank] = [measure(view(step), analyses, windows, step, batch_size=2, first_window=first).values
-                     for step in (0, 1)]
-    dist.destroy_process_group()
+    return [measure(view(step), analyses, windows, step, batch_size=2, first_window=first).values for step in (0, 1)]
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(_two_ranks, args=(str(tmp_path_factory.mktemp("store") / "store"), results), nprocs=2)
-    return dict(results)
+def on_two_ranks(two_ranks) -> dict:
+    return two_ranks(_every_analysis)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_two_processes_give_the_one_process_values(name, two_ranks):
+def test_two_processes_give_the_one_process_values(name, on_two_ranks):
     a = analysis(name)
     single = [measure(view(step), [a], probe(), step, batch_size=2).values for step in (0, 1)]
     for rank in (0, 1):
         for step in (0, 1):
-            mine = {k: v for k, v in two_ranks[rank][step].items() if k.startswith(name + "/")}
+            mine = {k: v for k, v in on_two_ranks[rank][step].items() if k.startswith(name + "/")}
             assert mine and mine == pytest.approx(single[step], rel=1e-5, abs=1e-7, nan_ok=True), (rank, step)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_online_equals_offline(name, tiny_run):
     online = {r["trainer/global_step"]: r for r in read_metrics(tiny_run) if "dynamics/seconds" in r}
-    offline = {int(r["step"]): r for r in read_csv(tiny_run / "analysis" / "metrics.csv")}
+    offline = {int(r["step"]): r for r in read_csv(RunFiles(tiny_run).analysis.metrics_csv)}
     assert sorted(online) == sorted(offline)
     compared = 0
     for step, row in online.items():

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
-from conftest import make_text
+from helpers import make_text
 
 transformers = pytest.importorskip("transformers")
 
-from dynascope.analysis.records import read_csv  # noqa: E402
-from dynascope.analysis.report import write_report  # noqa: E402
-from dynascope.analysis.runner import analyze_hf  # noqa: E402
 from dynascope.analysis.view import HFModelView  # noqa: E402
-from dynascope.train.data import DataConfig, train_tokenizer  # noqa: E402
+from dynascope.analyze import AnalyzeRequest, analyze  # noqa: E402
+from dynascope.core.data import train_tokenizer  # noqa: E402
+from dynascope.core.probe import load_probe  # noqa: E402
+from dynascope.core.records import read_csv  # noqa: E402
 
 SIZES = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
@@ -46,7 +46,8 @@ def test_hf_hooks_match_hidden_states(kind):
     torch.testing.assert_close(v.unembed(cache["ln_final.hook_normalized"]), logits, rtol=1e-4, atol=1e-5)
     # the MLP output is hook_post times the value vectors (plus the output bias, where there is one)
     post = cache["blocks.1.mlp.hook_post"]
-    down = v._blocks[1].get_submodule(v._out_name)
+    down = model.get_submodule({"gpt2": "transformer.h.1.mlp.c_proj", "gpt_neox": "gpt_neox.layers.1.mlp.dense_4h_to_h",
+                                "llama": "model.layers.1.mlp.down_proj"}[kind])
     bias = down.bias if getattr(down, "bias", None) is not None else 0
     torch.testing.assert_close(post @ v.mlp_values(1) + bias, down(post))
     assert cache["blocks.1.mlp.hook_post"].shape == (2, 12, 64) and v.mlp_values(1).shape == (64, 32)
@@ -67,27 +68,25 @@ def test_analyze_hf_runs_on_saved_checkpoints(tmp_path, capsys):
         tiny(kind).save_pretrained(d)
         fast.save_pretrained(d)
         dirs.append(d)
-    labels = ["step0", "step100", "step200"]
-    report = analyze_hf(dirs, tmp_path / "out", labels, "all", DataConfig(source="files", paths=[str(corpus)]),
-                        n_windows=8, context_length=48)
-    assert [r.step for r in report.records] == [0, 100, 200] and not report.skipped
-    for r, d in zip(report.records, dirs, strict=True):
+    request = AnalyzeRequest(hf=[str(d) for d in dirs], out=str(tmp_path / "out"),
+                             labels=["step0", "step100", "step200"], data=[str(corpus)], probe_windows=8,
+                             context_length=48)
+    outcome = analyze(request)
+    assert outcome.steps == [0, 100, 200] and not outcome.skipped
+    rows = read_csv(outcome.files.metrics_csv)
+    for r, d in zip(rows, dirs, strict=True):
         v = HFModelView.from_dir(d)
         norm = v.output_embeddings.norm(dim=-1).mean().item()
-        assert r.values["basic/unembed_row_norm_mean"] == pytest.approx(norm, rel=1e-6)
-        assert 5.0 < r.values["basic/probe_loss"] < 6.5  # ~log(320) for random models
-    assert (tmp_path / "out" / "metrics.csv").exists() and (tmp_path / "out" / "probe.safetensors").exists()
-    distance = [r.values["frequency/dist_to_final"] for r in report.records]  # to the last checkpoint given
+        assert r["basic/unembed_row_norm_mean"] == pytest.approx(norm, rel=1e-6)
+        assert 5.0 < r["basic/probe_loss"] < 6.5  # ~log(320) for random models
+    assert outcome.files.probe.exists() and load_probe(outcome.files.probe).shape == (8, 48)
+    distance = [r["frequency/dist_to_final"] for r in rows]  # to the last checkpoint given
     assert distance[-1] == 0 < distance[0]
-    page = write_report(tmp_path / "out").read_text()  # the same page as for a run, against the labels' steps
-    assert "checkpoints: step0, step100, step200" in page and "003 · Stable regions" in page
+    page = (outcome.files.report / "index.html").read_text()  # the same page as a run's, against the labels' steps
+    assert "checkpoints: step0, step100, step200" in page and "Stable regions in the residual stream" in page
 
 
-def test_analyze_command_uploads_the_table_to_wandb(tmp_path, capsys):
-    import glob
-
-    import wandb_reader
-
+def test_analyze_command_records_to_a_wandb_run_of_its_own(tmp_path, capsys, fake_wandb):
     from dynascope.cli import main
 
     corpus = tmp_path / "corpus.txt"
@@ -102,8 +101,11 @@ def test_analyze_command_uploads_the_table_to_wandb(tmp_path, capsys):
     main(["analyze", "--hf", *dirs, "--out", str(tmp_path / "out"), "--analyses", "basic", "--data", str(corpus),
           "--wandb"])
     assert "overview: " in capsys.readouterr().out
-    (run_file,) = glob.glob(str(tmp_path / "out" / "wandb" / "*run-*" / "run-*.wandb"))
-    logged = [r for r in wandb_reader.history(run_file) if "basic/probe_loss" in r]
+    (run,) = fake_wandb.runs
+    assert run.init["job_type"] == "analyze" and run.init["group"] == f"hf-{dirs[0]}" and run.init["id"] is None
+    assert run.init["config"]["checkpoints"] == dirs and run.exit_code == 0
+    logged = [r for r in run.history if "basic/probe_loss" in r]
     assert [r["trainer/global_step"] for r in logged] == [0, 1]  # ordered by directory name: a-ckpt first
+    assert {"report", "plots/overview"} <= {k for r in run.history for k in r}
     table = {r["label"]: r for r in read_csv(tmp_path / "out" / "metrics.csv")}
     assert logged[0]["basic/probe_loss"] == pytest.approx(table["a-ckpt"]["basic/probe_loss"])

@@ -3,15 +3,16 @@ without network: one-line errors. No test touches the network."""
 
 import pytest
 import torch
-from conftest import make_text
+from helpers import make_text
 
 transformers = pytest.importorskip("transformers")
 
-from dynascope.analysis.records import read_csv  # noqa: E402
-from dynascope.analysis.runner import PYTHIA_SCHEDULE, hf_checkpoints  # noqa: E402
+from dynascope.analysis.hub import PYTHIA_SCHEDULE, hf_checkpoints  # noqa: E402
 from dynascope.cli import main  # noqa: E402
-from dynascope.errors import DynascopeError  # noqa: E402
-from dynascope.train.data import EOS, train_tokenizer  # noqa: E402
+from dynascope.core.data import EOS, train_tokenizer  # noqa: E402
+from dynascope.core.errors import DynascopeError  # noqa: E402
+from dynascope.core.records import read_csv  # noqa: E402
+from dynascope.core.runfiles import RunFiles  # noqa: E402
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_prepare_a_hub_dataset_without_network_is_one_line(tmp_path, monkeypatch
             return datasets.IterableDataset.from_generator(rows)
 
         monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    config = tmp_path / "config.yaml"
+    config = RunFiles(tmp_path).config
     config.write_text(f"data:\n  source: hf\n  hf_name: org/corpus\n  cache_dir: {tmp_path / 'cache'}\n")
     with pytest.raises(SystemExit) as e:
         main(["prepare", "--config", str(config)])

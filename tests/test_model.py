@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dynascope.analysis.view import TransformerView
-from dynascope.train.model import ModelConfig, Transformer
+from dynascope.core.model import ModelConfig, Transformer
 
 
 def small(activation="relu", norm="layernorm", **kw) -> Transformer:
@@ -40,6 +40,7 @@ def by_hand(m: Transformer, x: torch.Tensor) -> dict[str, torch.Tensor]:
         a = norm(b.ln1, h)
         out[f"blocks.{layer}.ln1.hook_normalized"] = a
         q, k, v = (a @ b.attn.qkv.weight.T + b.attn.qkv.bias).split(c.d_model, -1)
+        out[f"blocks.{layer}.attn.hook_k"], out[f"blocks.{layer}.attn.hook_v"] = k, v
         heads = []
         for i in range(c.n_heads):
             s = slice(i * dh, (i + 1) * dh)
@@ -78,8 +79,10 @@ def test_cache_holds_only_requested_names_and_rejects_unknown():
     x = torch.randint(0, 50, (2, 12))
     logits, cache = TransformerView(m).run_with_cache(x, ["blocks.1.mlp.hook_post"])
     assert list(cache) == ["blocks.1.mlp.hook_post"] and cache["blocks.1.mlp.hook_post"].shape == (2, 12, 32)
-    assert not any(mod._forward_hooks for mod in m.modules())  # hooks are removed afterwards
+    cached = cache["blocks.1.mlp.hook_post"]
     torch.testing.assert_close(logits, m(x))
+    m(torch.randint(0, 50, (3, 12)))
+    assert cache["blocks.1.mlp.hook_post"] is cached  # the hook is gone: a later pass writes nothing
     with pytest.raises(KeyError, match="blocks.7.hook_resid_post"):
         TransformerView(m).run_with_cache(x, ["blocks.7.hook_resid_post"])
 

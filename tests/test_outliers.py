@@ -1,16 +1,14 @@
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from fakes import FakeView
+from helpers import FakeView
 from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.measure import measure
 from dynascope.analysis.outliers import outlier_dims, robust_z, spearman
-from dynascope.analysis.probe import shard
-from dynascope.train.model import HookPoint
+from dynascope.core.model import HookPoint
+from dynascope.core.probe import shard
 
 
 class Planted(nn.Module):
@@ -103,17 +101,14 @@ def test_ablation_matches_direct_computation():
     assert out["outliers/ablate_n_distinct"] == lq.argmax(-1).unique().numel()
 
 
-def _rank_main(rank: int, path: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+def _rank_main(rank: int) -> dict:
     v = planted_view(offsets={7: 6.0, 40: -8.0})
     mine, first = shard(windows(), rank, 2)
-    results[rank] = measure(v, build("outliers", v.shape), mine, step=0, first_window=first).values
-    dist.destroy_process_group()
+    return measure(v, build("outliers", v.shape), mine, step=0, first_window=first).values
 
 
-def test_two_ranks_give_the_single_process_values(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(str(tmp_path / "store"), results), nprocs=2)
+def test_two_ranks_give_the_single_process_values(two_ranks):
+    results = two_ranks(_rank_main)
     v = planted_view(offsets={7: 6.0, 40: -8.0})
     single = measure(v, build("outliers", v.shape), windows(), step=0).values
     for rank in (0, 1):

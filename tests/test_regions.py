@@ -1,12 +1,12 @@
 import pytest
 import torch
-from fakes import FakeView
+from helpers import FakeView
 from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.measure import measure
 from dynascope.analysis.view import ModelView, TransformerView
-from dynascope.train.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.model import HookPoint, ModelConfig, Transformer
 
 
 class Toy(nn.Module):

@@ -4,18 +4,19 @@
 import shutil
 
 import pytest
-from conftest import copy_run
+from helpers import copy_run
 
-from dynascope.analysis.records import read_csv, read_table
-from dynascope.analysis.runner import Checkpoint, shard_of
+from dynascope.analysis.replay import Checkpoint, shard_of
 from dynascope.cli import main
-from dynascope.io import read_json
+from dynascope.core.io import read_json
+from dynascope.core.records import read_csv, read_table
+from dynascope.core.runfiles import RunFiles
 
 
 def outputs(analysis_dir):
     rows = {int(r["step"]): r for r in read_csv(analysis_dir / "metrics.csv")}
-    summary = read_json(analysis_dir / "summary.json") if (analysis_dir / "summary.json").exists() else {}
-    tables = {p.name: read_table(p) for p in sorted((analysis_dir / "tables").glob("*.jsonl"))}
+    summary = read_json(RunFiles(analysis_dir).summary) if (RunFiles(analysis_dir).summary).exists() else {}
+    tables = {p.name: read_table(p) for p in sorted(RunFiles(analysis_dir).tables.glob("*.jsonl"))}
     return rows, summary, tables
 
 
@@ -59,7 +60,7 @@ def test_events_replayed_from_the_rows_equal_the_measured_ones():
 
     from dynascope.analysis import build
     from dynascope.analysis.measure import measure
-    from dynascope.analysis.runner import replay_events
+    from dynascope.analysis.replay import replay_events
 
     ods = [{3: 8.0}, {3: 8.0}, {}, {3: 8.0}]  # emerges at 0, revised away at 2, back at 3
     (outliers,) = build("outliers", planted_view().shape)

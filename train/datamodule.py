@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import lightning as L
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
-from dynascope.errors import DynascopeError
-from dynascope.train.data import Corpus, DataConfig, StepBatches, prepare_corpus
+from dynascope.core.data import Corpus, DataConfig, StepBatches, prepare_corpus
+from dynascope.core.errors import DynascopeError
 
 
 class CorpusDataModule(L.LightningDataModule):
@@ -21,9 +22,11 @@ class CorpusDataModule(L.LightningDataModule):
     def context_length(self) -> int:
         return self.trainer.lightning_module.arch.context_length
 
+    @override
     def prepare_data(self) -> None:
         prepare_corpus(self.config)
 
+    @override
     def setup(self, stage: str) -> None:
         """Runs before any callback's setup: a corpus that does not fit the model stops the run before its
         directory is written."""
@@ -44,6 +47,7 @@ class CorpusDataModule(L.LightningDataModule):
         t = self.trainer
         return self.config.batch_size * self.context_length * t.accumulate_grad_batches * t.world_size
 
+    @override
     def train_dataloader(self) -> DataLoader:
         t = self.trainer
         ds = StepBatches(self.corpus.tokens("train"), self.config.batch_size, self.context_length, self.config.seed,

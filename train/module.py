@@ -9,9 +9,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
+from typing_extensions import override
 
-from dynascope.errors import DynascopeError, require
-from dynascope.train.model import ModelConfig, Transformer
+from dynascope.core.errors import DynascopeError, require
+from dynascope.core.model import ModelConfig, Transformer
 
 
 class LanguageModel(L.LightningModule):
@@ -49,6 +50,7 @@ class LanguageModel(L.LightningModule):
     def arch(self) -> ModelConfig:
         return self.model.cfg
 
+    @override
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         if dm is None:
@@ -61,6 +63,7 @@ class LanguageModel(L.LightningModule):
         """Tokens all ranks trained on before the update of `step`: what the weights at `step` have seen."""
         return step * self.tokens_per_step
 
+    @override
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self._train_forward(x)
@@ -69,9 +72,11 @@ class LanguageModel(L.LightningModule):
         self.log("tokens_seen", float(self.tokens_seen(self.global_step)))
         return loss
 
+    @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])  # before clipping
 
+    @override
     def configure_optimizers(self):
         hp = self.hparams
         no_decay = {"wte.weight", "wpe.weight"}  # embeddings; norms and biases are 1-D

@@ -22,7 +22,6 @@ options for them.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shlex
 import subprocess
@@ -31,8 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dynascope.errors import DynascopeError
-from dynascope.io import atomic_write_text, ensure_writable, read_yaml
+from dynascope.core.errors import DynascopeError
+from dynascope.core.io import atomic_write_text, ensure_writable, read_yaml
+from dynascope.core.settings import short_keys, value_text
 
 MANIFEST = "sweep.tsv"
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
@@ -55,17 +55,6 @@ def read_grid(text: str) -> dict[str, list]:
     if "trainer.default_root_dir" in grid:
         raise DynascopeError("--grid: the sweep sets trainer.default_root_dir of each run; leave it out of the grid")
     return grid
-
-
-def value_text(value: Any) -> str:
-    """A setting's value as the command line takes it (and as run names show it)."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def short_keys(keys: list[str]) -> dict[str, str]:
-    """Each dotted key by its last part (`model.arch.activation` -> `activation`), unless two keys share it."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: part if last.count(part) == 1 else k for k, part in zip(keys, last, strict=True)}
 
 
 def expand(grid: dict[str, list]) -> dict[str, dict[str, Any]]:

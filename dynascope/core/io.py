@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dynascope.errors import DynascopeError
+from dynascope.core.errors import DynascopeError
 
 
 @contextlib.contextmanager

@@ -11,50 +11,18 @@ A `RunLock` then holds the directory for the life of the process.
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
-from dynascope.errors import DynascopeError
-from dynascope.io import read_json, read_jsonl, read_yaml
-from dynascope.train.snapshots import read_manifest
-
-LOCK_FILE = ".lock"
-CHECKPOINTS = "checkpoints"
-# Settings that shape the trajectory; trainer.max_steps only where it is the cosine schedule's length.
-TRAJECTORY = ("seed_everything", "model", "data", "trainer.accumulate_grad_batches", "trainer.gradient_clip_val",
-              "trainer.gradient_clip_algorithm", "trainer.precision", "trainer.devices", "trainer.num_nodes")
-NOT_TRAJECTORY = ("model.compile", "data.cache_dir")
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested sections as dotted keys: {"model": {"arch": {"activation": "relu"}}} -> {"model.arch.activation": ...}."""
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= flatten(value, name + ".")
-        else:
-            out[name] = value
-    return out
-
-
-def trajectory(config: dict) -> dict[str, Any]:
-    """The settings of a resolved fit config (or a run's config.yaml) that shape the trajectory, flattened."""
-    flat = flatten(config)
-    chosen = {k: v for k, v in flat.items() if k.startswith(TRAJECTORY) and not k.startswith(NOT_TRAJECTORY)}
-    if flat.get("model.decay_steps") is None:
-        chosen["trainer.max_steps"] = flat.get("trainer.max_steps")
-    return chosen
-
-
-def trajectory_hash(config: dict) -> str:
-    return hashlib.sha256(json.dumps(trajectory(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
+from dynascope.core.data import load_tokenizer
+from dynascope.core.errors import DynascopeError
+from dynascope.core.io import read_json, read_jsonl, read_yaml
+from dynascope.core.probe import load_probe
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.settings import trajectory
+from dynascope.core.snapshots import read_manifest
 
 _HELD: list[RunLock] = []  # this process's locks
 
@@ -65,7 +33,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / LOCK_FILE
+        self.path = RunFiles(run_dir).lock
         self._file = open(self.path, "a+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,13 +63,13 @@ def release_locks() -> None:
 
 def holds_run(run_dir: Path) -> bool:
     """Whether a fit has left snapshots or resume checkpoints in `run_dir`."""
-    return bool(read_manifest(run_dir)) or any((run_dir / CHECKPOINTS).glob("*.ckpt"))
+    return bool(read_manifest(run_dir)) or any(RunFiles(run_dir).checkpoints.glob("*.ckpt"))
 
 
 def resume_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete resume checkpoint: a checkpoint is a zip file whose central directory, written
     last, is intact (a save cut short has none)."""
-    candidates = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted(RunFiles(run_dir).checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
     return next((p for p in candidates if zipfile.is_zipfile(p)), None)
 
 
@@ -116,24 +84,20 @@ def move_aside(run_dir: Path) -> Path:
 
 def check_files(run_dir: Path) -> None:
     """Read every file of a run, so that a bad one is an error naming it (and its line) now."""
+    run = RunFiles(run_dir)
     read_manifest(run_dir)
-    read_jsonl(run_dir / "metrics.jsonl", "metrics log")
-    for path in (run_dir / "summary.json", run_dir / "analysis" / "summary.json"):
+    read_jsonl(run.metrics_jsonl, "metrics log")
+    for path in (run.summary, run.analysis.summary):
         if path.exists():
             read_json(path, "run summary")
-    for path in sorted((run_dir / "tables").glob("*.jsonl")):
+    for path in run.table_files().values():
         read_jsonl(path, "table")
-    if (run_dir / "probe.safetensors").exists():
-        from dynascope.analysis.probe import load_probe
-
-        load_probe(run_dir / "probe.safetensors")
-    if (run_dir / "tokenizer.json").exists():
-        from dynascope.train.data import load_tokenizer
-
-        load_tokenizer(run_dir / "tokenizer.json")
-    wandb_id = run_dir / "wandb_id"
-    if wandb_id.exists() and not wandb_id.read_text().strip().isalnum():
-        raise DynascopeError(f"{wandb_id} does not hold a wandb run id; restore it or delete it")
+    if run.probe.exists():
+        load_probe(run.probe)
+    if run.tokenizer.exists():
+        load_tokenizer(run.tokenizer)
+    if run.wandb_id.exists() and not run.wandb_id.read_text().strip().isalnum():
+        raise DynascopeError(f"{run.wandb_id} does not hold a wandb run id; restore it or delete it")
 
 
 def resolve_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
@@ -146,7 +110,7 @@ def resolve_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
         return None if newest is None else str(newest)
     resumed = resume_checkpoint(run_dir) if ckpt_path == "last" else Path(ckpt_path)
     if resumed is None or not resumed.is_file():
-        where = run_dir / CHECKPOINTS if ckpt_path == "last" else ckpt_path
+        where = RunFiles(run_dir).checkpoints if ckpt_path == "last" else ckpt_path
         raise DynascopeError(f"--ckpt_path {ckpt_path}: no resume checkpoint at {where}; check "
                              "trainer.default_root_dir, or drop --ckpt_path to start a new run")
     return str(resumed)
@@ -158,9 +122,9 @@ def prepare_run_dir(run_dir: Path, config: dict, ckpt_path: str | None, start_ov
     if ckpt_path is not None:
         if start_over:
             raise DynascopeError("--ckpt_path resumes a run and --start_over starts a new one; give one of them")
-        if not (run_dir / "config.yaml").exists():
+        if not RunFiles(run_dir).config.exists():
             raise DynascopeError(f"--ckpt_path {ckpt_path}: {run_dir} has no config.yaml to resume with")
-        before = trajectory(read_yaml(run_dir / "config.yaml", "run config"))
+        before = trajectory(read_yaml(RunFiles(run_dir).config, "run config"))
         now = trajectory(config)
         changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
         if changed:
@@ -173,11 +137,12 @@ def prepare_run_dir(run_dir: Path, config: dict, ckpt_path: str | None, start_ov
     if holds_run(run_dir):
         if not start_over:
             steps = sorted(read_manifest(run_dir))
-            held = f"snapshots of steps {steps[0]}-{steps[-1]}" if steps else f"checkpoints in {run_dir / CHECKPOINTS}"
+            held = (f"snapshots of steps {steps[0]}-{steps[-1]}" if steps
+                    else f"checkpoints in {RunFiles(run_dir).checkpoints}")
             raise DynascopeError(f"{run_dir} already holds a run ({held}); resume it with --ckpt_path last, start "
                                  "over with --start_over true (the old run is moved aside), or give another "
                                  "trainer.default_root_dir")
         print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
-    elif start_over and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+    elif start_over and run_dir.exists() and any(p != RunFiles(run_dir).lock for p in run_dir.iterdir()):
         print(f"dynascope: moved the previous run to {move_aside(run_dir)}")
 

@@ -21,28 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from dynascope.analysis.plots import TrainingAxis, changes
-from dynascope.analysis.report import SECTIONS, RunData, embed, figure_row, write_page
-from dynascope.errors import DynascopeError
-from dynascope.io import ensure_writable
-from dynascope.train.rundir import flatten
-from dynascope.train.sweep import short_keys, value_text
+from dynascope.analysis import REGISTRY
+from dynascope.analysis.figures import RunPlot, TrainingAxis, changes
+from dynascope.core.errors import DynascopeError
+from dynascope.core.io import ensure_writable
+from dynascope.core.records import RunHistory
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.settings import flatten, short_keys, value_text
+from dynascope.pages.report import embed, write_page
 
-# The curves a comparison overlays, per analysis; a per-layer metric is named without its `/L{l}`.
-HEADLINES = {
-    "basic": ("basic/probe_loss",),
-    "outliers": ("outliers/count", "outliers/score_max"),
-    "frequency": ("frequency/r2_corpus", "frequency/direction_cos_prev"),
-    "sparsity": ("sparsity/batch_usage", "sparsity/dead_frac"),
-    "regions": ("regions/sharpness_median",),
-    "vocab": ("vocab/saturation_layer_mean", "vocab/exit_saving"),
-}
-REFERENCE = {"outliers/score_max": 1.0, "regions/sharpness_median": 1.0}  # > 1: an OD; 1: no region boundary
-TITLES = {"basic": "Probe loss"} | {name: f"{title} ({paper})" for title, paper, name, *_ in SECTIONS}
 # where a run lives, how it was started and reported: not what it trained
 NOT_SETTINGS = ("trainer.default_root_dir", "ckpt_path", "start_over", "report", "wandb_")
 
@@ -52,7 +43,7 @@ class Group:
     """Runs that differ only in seeds (or a single run), and each run's own name."""
 
     label: str
-    runs: list[RunData]
+    runs: list[RunHistory]
     names: list[str]
 
 
@@ -73,10 +64,11 @@ def load_groups(directories: list[str | Path]) -> list[Group]:
     """The runs in `directories`, named and grouped by how their configs differ."""
     runs = []
     for d in map(Path, directories):
-        if not any((d / f).is_file() for f in ("config.yaml", "metrics.jsonl", "metrics.csv")):
+        files = RunFiles(d)
+        if not any(f.is_file() for f in (files.config, files.metrics_jsonl, files.metrics_csv)):
             raise DynascopeError(f"{d} is neither a run directory of `dynascope fit` (config.yaml, metrics.jsonl) nor "
                                  "an output directory of `dynascope analyze --hf` (metrics.csv); give one of those")
-        runs.append(RunData.load(d))
+        runs.append(RunHistory.load(d))
     flat = {id(r): {k: v for k, v in flatten(r.config).items() if not k.startswith(NOT_SETTINGS)}
             for r in runs if r.config}
     # settings every config has (an older dynascope lacks newer options) with more than one value
@@ -97,45 +89,49 @@ def load_groups(directories: list[str | Path]) -> list[Group]:
     return list(groups.values())
 
 
-def _points(run: RunData, key: str, axis: TrainingAxis) -> dict[float, float]:
+def _points(run: RunHistory, key: str, axis: TrainingAxis) -> dict[float, float]:
     return {axis.x(r): r[key] for r in run.rows if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])}
 
 
-def _layer_key(run: RunData, metric: str, which: str | None) -> str | None:
+def _layers(run: RunHistory, metric: str) -> list[int]:
+    """The layers a run measured a per-layer metric at."""
+    return [l for l in range(run.n_layers) if any(f"{metric}/L{l}" in r for r in run.rows)]
+
+
+def _layer_key(run: RunHistory, metric: str, which: str | None) -> str | None:
     """The key of `metric` for a run: itself, or its first or last layer's (`which`)."""
     if which is None:
         return metric
-    layers = sorted(run.layered(metric))
+    layers = _layers(run, metric)
     return f"{metric}/L{layers[0 if which == 'first' else -1]}" if layers else None
 
 
-def _panel(groups: list[Group], metric: str, which: str | None, axis: TrainingAxis) -> Callable:
-    """A panel drawing every group's curve of one metric; it draws nothing when no curve changes."""
-    curves = []  # (group index, [{x: y} per run])
+def _panel(groups: list[Group], metric: str, which: str | None, axis: TrainingAxis,
+           reference: dict[str, float]) -> Callable:
+    """A panel drawing every group's curve of one metric, at the steps all the group's runs measured; it draws
+    nothing when no curve changes."""
+    curves = []  # (group index, steps, [values at them, per run])
     for i, group in enumerate(groups):
         keys = [_layer_key(run, metric, which) for run in group.runs]
         series = [_points(run, key, axis) if key else {} for run, key in zip(group.runs, keys, strict=True)]
-        if any(series):
-            curves.append((i, series))
+        xs = sorted(set.intersection(*(set(s) for s in series)))  # nothing is interpolated
+        if xs:
+            curves.append((i, xs, np.array([[s[x] for x in xs] for s in series])))
     layers = {k for g in groups for r in g.runs if (k := _layer_key(r, metric, which))}
     title = metric if which is None else f"{layers.pop() if len(layers) == 1 else metric} ({which} layer measured)"
 
     def draw(ax) -> bool:
-        if not any(changes(list(s.values())) for _, series in curves for s in series):
+        if not any(changes(list(run)) for _, _, ys in curves for run in ys):
             return False
-        for i, series in curves:
-            color, group = plt.cm.tab10(i % 10), groups[i]
-            label = f"{group.label} ({len(series)} seeds)" if len(series) > 1 else group.label
-            xs = sorted(set.intersection(*(set(s) for s in series)))  # the steps every run of the group measured
-            if not xs:
-                continue
-            ys = np.array([[s[x] for x in xs] for s in series])
+        for i, xs, ys in curves:
+            color, group = matplotlib.colormaps["tab10"](i % 10), groups[i]
+            label = f"{group.label} ({len(ys)} seeds)" if len(ys) > 1 else group.label
             ax.plot(xs, ys.mean(0), marker="o", markersize=3, color=color, label=label)
-            if len(series) > 1:
-                lo, hi = np.percentile(ys, [25, 75], axis=0) if len(series) >= 4 else (ys.min(0), ys.max(0))
+            if len(ys) > 1:
+                lo, hi = np.percentile(ys, [25, 75], axis=0) if len(ys) >= 4 else (ys.min(0), ys.max(0))
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
-        if metric in REFERENCE:
-            ax.axhline(REFERENCE[metric], color="gray", linewidth=0.8, linestyle="--")
+        if metric in reference:
+            ax.axhline(reference[metric], color="gray", linewidth=0.8, linestyle="--")
         axis.setup(ax)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
@@ -148,12 +144,13 @@ def compare_figures(groups: list[Group]) -> list[tuple[str, Figure]]:
     """(analysis, figure) for each analysis with a curve that changes; one legend per figure, below it."""
     axis = TrainingAxis([r for g in groups for run in g.runs for r in run.rows])
     figures = []
-    for name, metrics in HEADLINES.items():
+    for name, analysis in REGISTRY.items():
         panels = []
-        for metric in metrics:
-            layered = any(run.layered(metric) for g in groups for run in g.runs)
-            panels += [_panel(groups, metric, which, axis) for which in (("first", "last") if layered else (None,))]
-        fig = figure_row(panels, width=4.6, height=3.6)
+        for metric in analysis.compared():
+            layered = any(_layers(run, metric) for g in groups for run in g.runs)
+            panels += [_panel(groups, metric, which, axis, analysis.reference_lines)
+                       for which in (("first", "last") if layered else (None,))]
+        fig = RunPlot.row(panels, width=4.6, height=3.6)
         if fig is None:
             continue
         labels = {}  # every group drawn in any panel, in group order
@@ -211,14 +208,17 @@ def write_compare(directories: list[str | Path], out_dir: str | Path) -> Path:
     """Write the comparison page of `directories` to `out_dir`/index.html; returns its path."""
     groups = load_groups(directories)
     out = ensure_writable(out_dir)
-    runs = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(str(run.tables.parent))}, {len(run.rows)} "
+    runs = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(str(run.root.root))}, {len(run.rows)} "
                    f"checkpoints</li>" for g in groups for run, name in zip(g.runs, g.names, strict=True))
     body = [f"<h1>dynascope compare: {len(groups)} groups of {sum(len(g.runs) for g in groups)} runs</h1>",
             f"<ul class='meta'>{runs}</ul><p class='meta'>Runs that differ only in seeds are drawn as their mean with "
             "a min–max band (interquartile range from 4 seeds), at the steps all of them measured.</p>",
             "<h2>Emergence and convergence (step)</h2>", _table(groups)]
     for name, fig in compare_figures(groups):
-        body += [f"<h2>{html.escape(TITLES[name])}</h2>", embed(fig, out / f"{name}.png")]
+        analysis = REGISTRY[name]
+        title = analysis.title or name
+        body += [f"<h2>{html.escape(f'{title} ({analysis.paper})' if analysis.paper else title)}</h2>",
+                 embed(fig, out / f"{name}.png")]
     return write_page(out, "dynascope compare", body, _STYLE)
 
 

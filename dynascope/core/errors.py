@@ -19,3 +19,11 @@ def require(ok: bool, option: str, value: object, expected: str) -> None:
     """Raise a DynascopeError naming `option` and its `value` unless `ok`."""
     if not ok:
         raise DynascopeError(f"{option}={value!r}: {expected}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (libraries wrap the telling message)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:160]

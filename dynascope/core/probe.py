@@ -1,7 +1,7 @@
 """The probe set: a fixed, seeded set of held-out token windows, identical at every checkpoint.
 
 The windows are drawn from the validation split, saved once in the run directory
-(`RUN_DIR/probe.safetensors`) and read back by the offline runner, so online and offline analyses see
+(`RunFiles.probe`) and read back by the offline runner, so online and offline analyses see
 exactly the same tokens. Under data parallelism each rank takes a contiguous, disjoint shard made
 of whole probe batches, so every rank measures the same batches a single process would.
 """
@@ -14,10 +14,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynascope.errors import DynascopeError
-from dynascope.io import atomic_path
-
-PROBE_FILE = "probe.safetensors"
+from dynascope.core.errors import DynascopeError
+from dynascope.core.io import atomic_path
 
 
 def sample_probe(val_tokens: np.ndarray, n_windows: int, length: int, seed: int = 0) -> torch.Tensor:

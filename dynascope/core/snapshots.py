@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynascope.errors import DynascopeError
-from dynascope.io import atomic_path, read_jsonl, write_jsonl
+from dynascope.core.errors import DynascopeError
+from dynascope.core.io import atomic_path, read_jsonl, write_jsonl
+from dynascope.core.runfiles import RunFiles
 
 
 def sha256_file(path: Path) -> str:
@@ -24,30 +25,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def snapshot_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "snapshots" / f"step_{step:08d}.safetensors"
-
-
-def manifest_path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "snapshots" / "manifest.jsonl"
-
-
 def read_manifest(run_dir: str | Path) -> dict[int, dict]:
     """Manifest rows by step (a step written twice, e.g. after a resume, keeps its last row)."""
-    rows = read_jsonl(manifest_path(run_dir), "snapshot manifest")
+    rows = read_jsonl(RunFiles(run_dir).manifest, "snapshot manifest")
     return {r["step"]: r for r in rows}
 
 
 def write_snapshot(run_dir: str | Path, step: int, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write weights atomically (temporary file, then rename), then the manifest row, also atomically."""
-    path = snapshot_path(run_dir, step)
+    path = RunFiles(run_dir).snapshot(step)
     rows = read_manifest(run_dir)  # read first: a bad manifest stops us before anything is written
     # copies: tied weights appear under two names sharing memory, which safetensors refuses
     tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state_dict.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"step": str(step)})
         rows[step] = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta}
-    write_jsonl(manifest_path(run_dir), [rows[s] for s in sorted(rows)])
+    write_jsonl(RunFiles(run_dir).manifest, [rows[s] for s in sorted(rows)])
     return path
 
 
@@ -55,7 +48,7 @@ def load_snapshot(run_dir: str | Path, step: int, verify: bool = True,
                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Load one snapshot, memory-mapped, onto `device`; raises DynascopeError naming the file if it is
     missing, corrupt or altered."""
-    path = snapshot_path(run_dir, step)
+    path = RunFiles(run_dir).snapshot(step)
     row = read_manifest(run_dir).get(step)
     if not path.exists():
         raise DynascopeError(f"snapshot {path} does not exist")

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dynascope.errors import DynascopeError, require
-from dynascope.io import read_yaml
-from dynascope.train.data import EOS, _first_line, load_tokenizer
-from dynascope.train.model import ModelConfig
-from dynascope.train.snapshots import load_snapshot, read_manifest
+from dynascope.core.data import EOS, load_tokenizer
+from dynascope.core.errors import DynascopeError, first_line, require
+from dynascope.core.io import read_yaml
+from dynascope.core.model import ModelConfig
+from dynascope.core.runfiles import RunFiles
+from dynascope.core.snapshots import load_snapshot, read_manifest
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -71,17 +72,17 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
 def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the run's snapshot at `step` to `out_dir` as a GPT-2 model directory with the run's tokenizer.
     Files of `out_dir` that the export does not write are never touched (see `check_target`)."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    run, out_dir = RunFiles(run_dir), Path(out_dir)
     check_target(out_dir, overwrite)
-    config = read_yaml(run_dir / "config.yaml", "run config")
+    config = read_yaml(run.config, "run config")
     cfg = ModelConfig(**config["model"]["arch"])
     supported = "export writes GPT-2 checkpoints: activation gelu or relu, norm layernorm"
     require(cfg.activation in ("gelu", "relu"), "model.arch.activation", cfg.activation, supported)
     require(cfg.norm == "layernorm", "model.arch.norm", cfg.norm, supported)
     eos = (config.get("data") or {}).get("eos_token") or EOS
-    eos_id = load_tokenizer(run_dir / "tokenizer.json").token_to_id(eos)
+    eos_id = load_tokenizer(run.tokenizer).token_to_id(eos)
     if eos_id is None:
-        raise DynascopeError(f"{run_dir / 'tokenizer.json'} has no {eos} token (the run's data.eos_token)")
+        raise DynascopeError(f"{run.tokenizer} has no {eos} token (the run's data.eos_token)")
     t = _transformers()
     hf_config = t.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
                              n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
@@ -90,7 +91,7 @@ def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path, overwri
                              tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id)
     model = t.GPT2LMHeadModel(hf_config)
     model.load_state_dict(gpt2_weights(cfg, load_snapshot(run_dir, step)), strict=True)
-    tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), eos_token=eos,
+    tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run.tokenizer), eos_token=eos,
                                           model_max_length=cfg.context_length)
     # written beside the target, then each file renamed into it: an interrupted export leaves no half file
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     is checked before the first is written."""
     manifest = read_manifest(run_dir)
     if not manifest:
-        raise DynascopeError(f"{Path(run_dir) / 'snapshots'} holds no snapshots to export")
+        raise DynascopeError(f"{RunFiles(run_dir).snapshots} holds no snapshots to export")
     if step is not None and step not in manifest:
         raise DynascopeError(f"--step {step}: {run_dir} has no snapshot at that step (have {sorted(manifest)})")
     targets = {step: Path(out_dir)} if step is not None else {s: Path(out_dir) / f"step{s}" for s in sorted(manifest)}
@@ -133,5 +134,5 @@ def push(exports: dict[int, Path], repo_id: str, api: HfApi | None = None) -> No
             api.upload_folder(repo_id=repo_id, folder_path=folder, revision=f"step{step}",
                               commit_message=f"dynascope snapshot at step {step}")
     except Exception as e:  # a bad id, no token or access (hub errors), no network (its HTTP library's own errors)
-        raise DynascopeError(f"--push {repo_id}: {_first_line(e)}; check the network and `hf auth login`, "
+        raise DynascopeError(f"--push {repo_id}: {first_line(e)}; check the network and `hf auth login`, "
                              "then push again (the export stays on disk)") from None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynascope.errors import require
+from dynascope.core.errors import require
 
 ACTIVATIONS = ("gelu", "relu", "relu2", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -85,23 +85,26 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention. `hook_k` and `hook_v` are the keys and values [B, T, C] before the heads split:
+    a prefix's keys and values (`past`) let later positions be computed alone."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """`prefix`: the normalized inputs of earlier positions [B', T', C], attended to by the one position
-        in `x` [B, 1, C] (B a multiple of B': consecutive rows of x share a prefix row), so that a last
-        position can be recomputed alone."""
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`past`: keys and values [B, T', C] of the T' positions before x's, which x's positions all follow."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
-        if prefix is not None:
-            _, pk, pv = self.qkv(prefix).repeat_interleave(B // len(prefix), dim=0).split(C, dim=2)
-            k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
+        k, v = self.hook_k(k), self.hook_v(v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 1), torch.cat([past[1], v], 1)
         q, k, v = (t.view(B, -1, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=prefix is None)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -138,9 +141,9 @@ class Block(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.attn(self.ln1(x), prefix))
+        x = self.hook_resid_mid(x + self.attn(self.ln1(x), past))
         return self.hook_resid_post(x + self.mlp(self.ln2(x)))
 
 
@@ -174,8 +177,14 @@ class Transformer(nn.Module):
         if T > self.cfg.context_length:
             raise ValueError(f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}")
         x = self.hook_embed(self.wte(tokens)) + self.wpe(torch.arange(T, device=tokens.device))
-        for block in self.blocks:
-            x = block(x)
+        return self.forward_from(x)
+
+    def forward_from(self, x: torch.Tensor, start: int = 0,
+                     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The logits of residual-stream states x entering block `start`; with `past`, x's positions follow
+        those whose keys and values `past` holds for each block from `start` on (a KV cache)."""
+        for i, block in enumerate(self.blocks[start:]):
+            x = block(x, None if past is None else past[i])
         return self.unembed(self.ln_final(x))
 
     def num_params(self, non_embedding: bool = False) -> int:
