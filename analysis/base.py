@@ -29,7 +29,7 @@ other state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -49,16 +49,21 @@ if TYPE_CHECKING:
     from dynascope.analysis.figures import RunPlot
 
 REGISTRY: dict[str, type[Analysis]] = {}
+# Not a hook: an analysis that lists it in hook_names() finds the forward pass's log-probabilities [B, T, V]
+# (fp32) in its cache, computed once per probe batch for every analysis that asks.
+LOGPROBS = "logprobs"
 
 
-@dataclass
 class Measurement:
-    """What one analysis reports for one checkpoint, and what it carries to the next."""
+    """What one analysis reports for one checkpoint, and what it carries to the next. A plain class: torchmetrics'
+    compute wrapper walks, copies and clones whatever dataclasses, lists and tensors it finds in what compute()
+    returns, which for tables of hundreds of rows cost more than the analysis."""
 
-    values: dict[str, float]
-    tables: dict[str, Table] = field(default_factory=dict)
-    summary: dict[str, float | None] = field(default_factory=dict)
-    carry: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("values", "tables", "summary", "carry")
+
+    def __init__(self, values: dict[str, float], tables: dict[str, Table] | None = None,
+                 summary: dict[str, float | None] | None = None, carry: dict[str, Any] | None = None):
+        self.values, self.tables, self.summary, self.carry = values, tables or {}, summary or {}, carry or {}
 
 
 @dataclass

@@ -12,9 +12,8 @@ tokens' output embeddings).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Measurement
+from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement
 from dynascope.analysis.view import Cache, ModelShape
 
 
@@ -32,14 +31,16 @@ class Basic(Analysis):
         self.add_state("n_positions", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def hook_names(self) -> list[str]:
+        return [*self.resid_names(), LOGPROBS]
+
+    def resid_names(self) -> list[str]:
         return [f"blocks.{l}.hook_resid_post" for l in range(self.shape.n_layers)]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        target = tokens.roll(-1, dims=1)
-        target[:, -1] = -100  # the last position has no next token (ignored: no copy of the logits)
-        self.loss_sum += F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum").double()
-        self.n_predictions += target.numel() - len(target)
-        norms = torch.stack([cache[n].float().norm(dim=-1).sum() for n in self.hook_names()])
+        nll = -cache[LOGPROBS][:, :-1].gather(-1, tokens[:, 1:, None])  # the last position has no next token
+        self.loss_sum += nll.sum().double()
+        self.n_predictions += nll.numel()
+        norms = torch.stack([cache[n].float().norm(dim=-1).sum() for n in self.resid_names()])
         self.resid_norm_sum += norms.double()
         self.n_positions += tokens.numel()
 

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import RunPlot
 from dynascope.analysis.outliers import deep_positions, spearman
 from dynascope.analysis.view import Cache, ModelShape, ModelView
@@ -141,10 +141,10 @@ class Frequency(Analysis):
         self.prev_W: torch.Tensor | None = None
 
     def hook_names(self) -> list[str]:
-        return ["ln_final.hook_normalized"]
+        return ["ln_final.hook_normalized", LOGPROBS]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        self.prob_sum += logits.float().softmax(-1).flatten(0, 1).sum(0).double()
+        self.prob_sum += cache[LOGPROBS].exp().flatten(0, 1).sum(0).double()
         self.n_positions += tokens.numel()
         keep = deep_positions(tokens, self.skip_positions, self.context.eos_id, need_next=False,
                               stride=self.position_stride)  # the outliers analysis's positions, thinned

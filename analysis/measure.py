@@ -1,7 +1,8 @@
 """One measurement of one checkpoint: the routine that training and offline replay share.
 
 `measure` binds the checkpoint's view and step to every analysis, runs one no-grad forward pass per
-probe batch with the union of the requested hooks, feeds every analysis from it (with the batch's
+probe batch with the union of the requested hooks (and its log-probabilities, once, for the analyses that
+ask for `LOGPROBS`), feeds every analysis from it (with the batch's
 global probe-window indices), then per analysis computes (a collective under torch.distributed;
 analyses that read another's result come after it), advances its carry and resets its states. It
 returns one `CheckpointRecord`, which a `Recorder` (`dynascope.outputs`) writes everywhere, with each analysis's time
@@ -17,9 +18,18 @@ from collections.abc import Callable
 
 import torch
 
-from dynascope.analysis.base import Analysis, Measurement
+from dynascope.analysis.base import LOGPROBS, Analysis, Measurement
 from dynascope.analysis.view import ModelView
 from dynascope.core.records import CheckpointRecord
+
+
+def probe_pass(view: ModelView, tokens: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
+    """One forward pass: the logits and the activations at the hook `names`, with `LOGPROBS` among them when
+    asked for."""
+    logits, cache = view.run_with_cache(tokens, [n for n in names if n != LOGPROBS])
+    if LOGPROBS in names:
+        cache[LOGPROBS] = logits.float().log_softmax(-1)
+    return logits, cache
 
 
 def stage_count(analyses: list[Analysis], windows: int, batch_size: int) -> int:
@@ -49,7 +59,7 @@ def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step
             progress(f"probe batch {start // batch_size + 1}/{math.ceil(len(probe) / batch_size)}")
             batch = probe[start:start + batch_size].to(view.device)
             windows = torch.arange(len(batch), device=view.device) + first_window + start
-            logits, cache = view.run_with_cache(batch, names)
+            logits, cache = probe_pass(view, batch, names)
             for a in analyses:
                 timed(a, lambda: a.update(batch, logits, cache, windows))
         results: dict[str, Measurement] = {}

@@ -95,7 +95,8 @@ class Regions(Analysis):
         last_mlp = f"blocks.{self.shape.n_layers - 1}.mlp.hook_pre"
         extra = [last_mlp] if self.shape.is_relu else []
         sites = [f"blocks.{w}.hook_resid_post" for w in self.write_layers]
-        _, clean = view.run_with_cache(A, [*sites, "ln_final.hook_normalized"])
+        reused = view.patch_hooks(min(self.write_layers))  # the clean pass the patched passes attend to
+        _, clean = view.run_with_cache(A, [*sites, "ln_final.hook_normalized", *extra, *reused])
         _, clean_b = view.run_with_cache(B, sites)
         alpha = torch.linspace(0, 1, self.n_alpha, device=A.device)
         per_chunk = max(1, self.chunk // self.n_alpha)  # prompts whose patched paths are computed together
@@ -105,7 +106,8 @@ class Regions(Analysis):
             lps, outs, pres = [], [], []
             for i in range(0, len(A), per_chunk):
                 lg, c = view.patch_last_position(A[i:i + per_chunk], w, x[i:i + per_chunk],
-                                                 ["ln_final.hook_normalized", *extra])
+                                                 ["ln_final.hook_normalized", *extra],
+                                                 {n: t[i:i + per_chunk] for n, t in clean.items()})
                 lps.append(lg.float().log_softmax(-1))
                 outs.append(c["ln_final.hook_normalized"].float())
                 if extra:

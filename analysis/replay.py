@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, build
-from dynascope.analysis.measure import measure
+from dynascope.analysis.measure import measure, stage_count
 from dynascope.analysis.view import ModelShape, ModelView, TransformerView
 from dynascope.core.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.core.errors import DynascopeError
@@ -57,10 +58,11 @@ def shard_of(checkpoints: list[Checkpoint], shard: tuple[int, int] | None) -> li
 
 class Replay:
     """Analyses `names` replayed over `checkpoints` in order: iterating yields a `CheckpointRecord` per
-    checkpoint to record. `load_view(label, device)` gives a checkpoint's view; the `final` checkpoint's unembedding
-    is the reference of distances to the end of training (loaded first and, when it is among the
-    checkpoints, reused at its turn). Checkpoints that cannot be loaded are named on stderr and listed in
-    `skipped`; `shape` is the model's, once one checkpoint was loaded."""
+    checkpoint to record. `load_view(label, device)` gives a checkpoint's view; the next checkpoint loads on a
+    background thread while one is measured. The `final` checkpoint's unembedding is the reference of distances
+    to the end of training (loaded first and, when it is among the checkpoints, reused at its turn). Checkpoints
+    that cannot be loaded are named on stderr and listed in `skipped`; `shape` is the model's, once one
+    checkpoint was loaded."""
 
     def __init__(self, checkpoints: list[Checkpoint], load_view: Callable[[str, str], ModelView], final: str,
                  probe: torch.Tensor, names: str | list[str], context: AnalysisContext, batch_size: int,
@@ -71,6 +73,7 @@ class Replay:
         self.shape: ModelShape | None = None
 
     def records(self, device: str = "cpu") -> Iterator[CheckpointRecord]:
+        """Measure every checkpoint in order, the next one loading on a background thread meanwhile."""
         cached: dict[str, ModelView] = {}
         try:
             cached[self.final] = self.load_view(self.final, device)
@@ -78,20 +81,43 @@ class Replay:
         except DynascopeError as e:
             tqdm.write(f"dynascope: no distances to the final checkpoint: {e}", file=sys.stderr)
         analyses: list[Analysis] = []
-        for ckpt in tqdm(self.checkpoints, desc="analysing checkpoints", unit="ckpt"):
-            try:
-                view = cached.pop(ckpt.label) if ckpt.label in cached else self.load_view(ckpt.label, device)
-            except DynascopeError as e:
-                tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
-                self.skipped.append(ckpt.label)
-                continue
-            view.model.to(device)
-            if not analyses:
-                self.shape = view.shape
-                analyses = build(self.names, view.shape, self.context, self.options, device)
-            record = measure(view, analyses, self.probe, ckpt.step, ckpt.tokens_seen, self.batch_size, ckpt.label)
-            if ckpt.record:
-                yield record
+        with ThreadPoolExecutor(max_workers=1) as loader:
+            ahead = iter(self.checkpoints)
+
+            def prefetch() -> Future | None:
+                ckpt = next(ahead, None)
+                if ckpt is None:
+                    return None
+                if ckpt.label in cached:  # the final checkpoint, loaded already
+                    return _done(cached.pop(ckpt.label))
+                return loader.submit(self.load_view, ckpt.label, device)
+
+            pending = prefetch()
+            for ckpt in tqdm(self.checkpoints, desc="analysing checkpoints", unit="ckpt"):
+                loading, pending = pending, prefetch()
+                try:
+                    view = loading.result()
+                except DynascopeError as e:
+                    tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
+                    self.skipped.append(ckpt.label)
+                    continue
+                view.model.to(device)
+                if not analyses:
+                    self.shape = view.shape
+                    analyses = build(self.names, view.shape, self.context, self.options, device)
+                with tqdm(total=stage_count(analyses, len(self.probe), self.batch_size), leave=False,
+                          desc=f"checkpoint {ckpt.label}", disable=None) as bar:
+                    record = measure(view, analyses, self.probe, ckpt.step, ckpt.tokens_seen, self.batch_size,
+                                     ckpt.label, progress=lambda stage: (bar.set_postfix_str(stage, refresh=False),
+                                                                         bar.update()))
+                if ckpt.record:
+                    yield record
+
+
+def _done(value: object) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def replay_events(analyses: list[Analysis], rows: list[dict]) -> dict[str, float | None]:

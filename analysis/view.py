@@ -143,11 +143,16 @@ class ModelView:
         with self.hooks({name: overwrite_position(position, vectors)}):
             return self.run_with_cache(tokens, names)
 
+    def patch_hooks(self, layer: int) -> list[str]:
+        """What a clean pass should record so that `patch_last_position(..., clean=...)` at `layer` reuses it
+        rather than running its own: nothing here."""
+        return []
+
     def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
-                            names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+                            names: Sequence[str] = (), clean: Cache | None = None) -> tuple[torch.Tensor, Cache]:
         """For prompts `tokens` [P, T], with the residual after block `layer` at the last position replaced
         by each of `vectors` [P, N, d]: the logits [P, N, V] and the activations at `names` [P, N, ...]
-        at the last position. Here: one patched forward pass per vector."""
+        at the last position. Here: one patched forward pass per vector (`clean` is not needed)."""
         P, N, d = vectors.shape
         logits, cache = self.patch_residual(tokens.repeat_interleave(N, dim=0), f"blocks.{layer}.hook_resid_post",
                                             tokens.shape[1] - 1, vectors.reshape(P * N, d), names)
@@ -180,17 +185,21 @@ class TransformerView(ModelView):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
+    def patch_hooks(self, layer: int) -> list[str]:
+        return [f"blocks.{l}.attn.hook_{x}" for l in range(layer + 1, self.shape.n_layers) for x in "kv"]
+
     def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
-                            names: Sequence[str] = ()) -> tuple[torch.Tensor, Cache]:
+                            names: Sequence[str] = (), clean: Cache | None = None) -> tuple[torch.Tensor, Cache]:
         """As `ModelView.patch_last_position`, computing only what the patch changes: the last position, from
-        block `layer + 1` on (`Transformer.forward_from`), over the earlier positions' keys and values of one
-        clean pass (activations the patch cannot reach, in blocks up to `layer`, are the clean pass's)."""
+        block `layer + 1` on (`Transformer.forward_from`), over the earlier positions' keys and values of the
+        clean pass (`clean`, if it recorded `patch_hooks(layer)` and `names`, else one of its own);
+        activations the patch cannot reach, in blocks up to `layer`, are the clean pass's."""
         P, N, d = vectors.shape
-        later = range(layer + 1, self.shape.n_layers)
-        kv = [f"blocks.{l}.attn.hook_{x}" for l in later for x in "kv"]
-        _, clean = self.run_with_cache(tokens, [*kv, *names])
+        needed = [*self.patch_hooks(layer), *names]
+        if clean is None or not set(needed) <= set(clean):
+            _, clean = self.run_with_cache(tokens, needed)
         past = [tuple(clean[f"blocks.{l}.attn.hook_{x}"][:, :-1].repeat_interleave(N, dim=0) for x in "kv")
-                for l in later]
+                for l in range(layer + 1, self.shape.n_layers)]
         cache = {n: clean[n][:, -1:].repeat_interleave(N, dim=0) for n in names}
         with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
             logits = self.model.forward_from(vectors.reshape(P * N, 1, d), layer + 1, past)

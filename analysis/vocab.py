@@ -100,8 +100,10 @@ class Vocab(Analysis):
         window = windows.repeat_interleave(len(pos))  # each position's probe window
         E = view.output_embeddings.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
-        lens = [view.unembed(view.final_norm(r)).softmax(-1).max(-1) for r in resid]
-        confidence, preds = torch.stack([c.values for c in lens]), torch.stack([c.indices for c in lens])  # [L, N]
+        lens = [view.unembed(view.final_norm(r)) for r in resid]  # each layer's logit lens [N, V]
+        tops = [z.max(-1) for z in lens]
+        preds = torch.stack([t.indices for t in tops])  # [L, N]
+        confidence = torch.stack([(t.values - z.logsumexp(-1)).exp() for t, z in zip(tops, lens, strict=True)])
         final = preds[-1]
         eq = preds == final
         sat = L - eq.flip(0).int().cumprod(0).sum(0)  # first layer of the trailing run of agreement

@@ -22,12 +22,20 @@ CSV_INDEX = ("step", "tokens_seen", "label")
 LAYER = re.compile(r"^(.+)/L(\d+)$")  # a per-layer key: metric, layer
 
 
-@dataclass
 class Table:
-    """A small table logged at one checkpoint (e.g. the outlier dimensions, a median curve)."""
+    """A small table logged at one checkpoint (e.g. the outlier dimensions, a median curve). A plain class, not a
+    dataclass: torchmetrics walks (and copies) every dataclass and list an analysis's compute() returns."""
 
-    columns: list[str]
-    rows: list[list]
+    __slots__ = ("columns", "rows")
+
+    def __init__(self, columns: list[str], rows: list[list]):
+        self.columns, self.rows = columns, rows
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Table) and (self.columns, self.rows) == (other.columns, other.rows)
+
+    def __repr__(self) -> str:
+        return f"Table({self.columns}, {len(self.rows)} rows)"
 
 
 @dataclass
