@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean gpu-wheels gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,18 @@ lint: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# The GPU check (benchmarks/gpu_check.py), on a machine with a GPU and no network: its image's python3 (with
+# torch) runs it, with what it lacks installed from .whl/, made here beforehand by `make gpu-wheels`.
+GPU_PY ?= python3
+GPU_SITE ?= .gpu-site
+PLATFORMS := $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(PLATFORMS) --platform any -d .whl -r benchmarks/gpu-requirements.txt
+
+gpu-check:
+	test ! -d .whl || $(GPU_PY) -m pip install -q --no-index --no-deps --upgrade --target $(GPU_SITE) .whl/*.whl
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target $(GPU_SITE) .
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) benchmarks/gpu_check.py --device cuda --out gpu-check.json

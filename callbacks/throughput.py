@@ -24,6 +24,20 @@ from dynascope.callbacks.dynamics import DynamicsCallback
 # the dtype of the matrix products under each Trainer precision, for the device's peak FLOP/s
 COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
                   "16-true": torch.float16, "64-true": torch.float64}
+# dense 16-bit peaks of devices whose names Lightning's table does not match: an H200 calls itself "NVIDIA H200"
+# (the table knows "h200 sxm1", at the sparse 2e15); its dense bf16 rate is the H100 SXM's
+DENSE_16BIT_PEAKS = {"h200": 989.4e12}
+
+
+def available_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak FLOP/s in `dtype`: Lightning's table, else ours for 16-bit types; None if unknown."""
+    if device.type != "cuda":
+        return get_available_flops(device, dtype)
+    name = torch.cuda.get_device_name(device).lower()
+    ours = next((v for k, v in DENSE_16BIT_PEAKS.items() if k in name), None)
+    if ours is not None and dtype in (torch.bfloat16, torch.float16):
+        return ours
+    return get_available_flops(device, dtype)
 
 
 def _analysis_seconds(trainer: L.Trainer) -> float:
@@ -42,7 +56,7 @@ class TrainingThroughput(L.Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dtype = COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
-        self.throughput = Throughput(available_flops=get_available_flops(trainer.strategy.root_device, dtype),
+        self.throughput = Throughput(available_flops=available_flops(trainer.strategy.root_device, dtype),
                                      world_size=trainer.world_size, window_size=self.window_size)
 
     @override

@@ -211,3 +211,17 @@ def test_gelu_preset_logs_every_analysis(tmp_path, corpus_file):
         assert key in row and row[key] == row[key], key  # present and not NaN
     assert 0 < row["sparsity/token_density_mean/L1"] < 1  # GELU: the pre-activation sign
     assert "regions/relu_flips_mean" not in row
+
+
+def test_the_progress_bar_counts_optimizer_steps_against_max_steps(tmp_path, corpus_file, capsys):
+    args = tiny_args(corpus_file, tmp_path / "run", 6, "--dynamics.analyses", "basic",
+                     "--trainer.accumulate_grad_batches", "2")[1:]
+    args[args.index("--trainer.enable_progress_bar") + 1] = "true"
+    cli = build_fit(args)
+    try:
+        cli.fit()
+    finally:
+        cli.close()
+    bar = cli.trainer.progress_bar_callback.train_progress_bar
+    assert (bar.n, bar.total, bar.desc) == (6, 6, "training: ")  # steps, not the 12 micro-batches
+    assert "6/6 steps" in capsys.readouterr().out

@@ -14,18 +14,22 @@ only then runs `Trainer.fit` itself with the checkpoint it resolved (`--ckpt_pat
 from __future__ import annotations
 
 import signal
+import warnings
 from pathlib import Path
 
 import yaml
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
+from tqdm import tqdm
 from typing_extensions import override
 
 from dynascope.callbacks.dynamics import DynamicsCallback
 from dynascope.callbacks.logger import RecordLogger
+from dynascope.callbacks.progress import StepProgressBar
 from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume, requeue_slurm_job
 from dynascope.callbacks.snapshots import Snapshots
 from dynascope.core.data import DataConfig
@@ -112,7 +116,7 @@ class DynascopeCLI(LightningCLI):
             run = RunFiles(self.run_dir)
             resolved |= {"wandb_group": config.wandb_group, "wandb_tags": config.wandb_tags}
             destination = Destination(run, run, resolved, group=config.wandb_group, tags=config.wandb_tags)
-            self.recorder = Recorder.open(destination, RECORD | config.outputs)
+            self.recorder = Recorder.open(destination, RECORD | config.outputs, echo=tqdm.write)  # beside the bars
 
     @override
     def instantiate_trainer(self, **kwargs):
@@ -122,6 +126,9 @@ class DynascopeCLI(LightningCLI):
         trainer_cfg["logger"] = [RecordLogger(self.recorder, self.run_dir), *theirs]
         self.config_init.dynamics.recorder = self.recorder
         trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [RewindOnResume(self.recorder)]
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(
+                isinstance(cb, ProgressBar) for cb in trainer_cfg["callbacks"]):
+            trainer_cfg["callbacks"].append(StepProgressBar())
         trainer_cfg["plugins"] = list(trainer_cfg.get("plugins") or []) + [AtomicCheckpointIO()]
         if SLURMEnvironment.detect():  # ResumeCheckpoints checkpoints and requeues at SIGUSR1, not Lightning
             trainer_cfg["plugins"].append(SLURMEnvironment(auto_requeue=False))
@@ -131,7 +138,8 @@ class DynascopeCLI(LightningCLI):
         """Train from the resolved checkpoint; publish the pages of a finished run; end an interrupted one with
         the checkpoint to resume from (requeueing a Slurm job Slurm warned of its time limit)."""
         trainer = self.trainer
-        trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path)
+        # resume checkpoints load through torch's weights-only unpickler: no file can run code when loaded
+        trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path, weights_only=True)
         finished = trainer.global_step >= trainer.max_steps
         pictures = draw_pages(self.run_dir) if self.config.report and finished and trainer.is_global_zero else None
         self.close(pictures=pictures)
@@ -162,9 +170,11 @@ def build_fit(args: list[str] | None = None) -> DynascopeCLI:
     """`dynascope fit` parsed, checked and ready: the run directory is held (until `close()`) and the
     Trainer built, not run."""
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # field docs of the config dataclasses in --help
-    return DynascopeCLI(LanguageModel, None, args=args, run=False, auto_configure_optimizers=False,
-                        save_config_callback=SaveConfigCallback, save_config_kwargs={"overwrite": True},
-                        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
+    with warnings.catch_warnings():  # `dynascope fit` passes its own arguments: sys.argv also holds the command
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return DynascopeCLI(LanguageModel, None, args=args, run=False, auto_configure_optimizers=False,
+                            save_config_callback=SaveConfigCallback, save_config_kwargs={"overwrite": True},
+                            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
 
 
 def fit_cli(args: list[str] | None = None) -> None:

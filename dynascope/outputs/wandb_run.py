@@ -64,8 +64,6 @@ class WandbRun(Sink):
             project: The wandb project.
             id_suffix: Appended to the run directory's wandb id: a new run beside the training run.
         """
-        import wandb
-
         super().__init__(destination)
         run, files = destination.run, destination.files
         attached = run is not None and (files.root == run.root or run.wandb_id.exists())
@@ -78,17 +76,32 @@ class WandbRun(Sink):
         self.held_through = max((r[STEP_KEY] for r in logged), default=-1) if not from_analysis else -1
         self.skip_through = -1  # steps the run holds, which a rewound run logs again: not sent twice
         own_name = destination.name or files.root.resolve().name
-        self.run = wandb.init(project=project, dir=str(run.root if attached else files.root), mode=wandb_mode(),
-                              id=run.wandb_id.read_text().strip() + id_suffix if attached else None,
-                              resume="allow" if attached else None, job_type=destination.job_type,
-                              name=own_name if not from_analysis else None, group=destination.group,
-                              tags=destination.tags or None, config=destination.config)
-        self.run.define_metric(STEP_KEY)
-        self.run.define_metric("*", step_metric=STEP_KEY)
+        self._init = dict(project=project, dir=str(run.root if attached else files.root), mode=wandb_mode(),
+                          id=run.wandb_id.read_text().strip() + id_suffix if attached else None,
+                          resume="allow" if attached else None, job_type=destination.job_type,
+                          name=own_name if not from_analysis else None, group=destination.group,
+                          tags=destination.tags or None, config=destination.config)
+        self._run = None
         self._declared: set[str] = set()
         self._tables: dict[str, Any] = {}
         self._layer_rows: list[dict] = []
         self._finished = False
+        if destination.job_type == "train":  # a fit's snapshots become artifacts of this run from step 0 on
+            self.start()
+
+    def start(self):
+        """The wandb run, started at the first use: a command that fails before recording anything leaves none."""
+        import wandb
+
+        if self._run is None:
+            self._run = wandb.init(**self._init)
+            self._run.define_metric(STEP_KEY)
+            self._run.define_metric("*", step_metric=STEP_KEY)
+        return self._run
+
+    @property
+    def run(self):
+        return self.start()
 
     @property
     def directory(self) -> str:
@@ -128,7 +141,7 @@ class WandbRun(Sink):
         """The layer charts and the pictures, the summary as summary.json holds it, and the run closed."""
         import wandb
 
-        if self._finished:
+        if self._finished or (self._run is None and failed):  # nothing was recorded: no run to close
             return
         self._finished = True
         if not failed:

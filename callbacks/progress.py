@@ -1,0 +1,33 @@
+"""`StepProgressBar`: Lightning's TQDM bar, counting optimizer steps against `trainer.max_steps`.
+
+The batch stream is one endless epoch, so Lightning's own bar has no total and its epoch counter says
+nothing; this one reads `training: 120/300 steps` from the first step of a run (or of a resumed one) to its
+last. `dynascope fit` adds it unless the Trainer's progress bars are off or a config declares a bar of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from typing_extensions import override
+
+
+class StepProgressBar(TQDMProgressBar):
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.update(trainer.global_step)
+        self.train_progress_bar.set_description("training")
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if trainer.global_step > bar.n:  # an optimizer step (not a micro-batch of one)
+            bar.update(trainer.global_step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
