@@ -14,10 +14,11 @@ offline in one process), and calls:
   next checkpoint. Calling it twice gives the same result.
 - `advance(result)`: the one step that changes what is carried (the attributes named in `carry`).
 
-Summary events are onsets: `events(values, previous)` names conditions on a checkpoint's values (and
-the previous checkpoint's), and the event step is the first checkpoint from which the condition has
-held at every later one, revised when it fails. `compute()` reports them with `self.onsets(values)`,
-and a merge of sharded replays recomputes them from the merged table with the same rules.
+Summary events are onsets (`onsets.py`): an analysis declares its events in `events()`, and gives in
+`Measurement.replicates` the values its conditions read, recomputed on bootstrap replicates of the probe
+windows; `conclude()`, which the measurement routine calls after `compute()`, judges them and adds each
+event's onset, bracket, interval and confidence to the summary, and the judgements to the carry and to the
+`<name>/onsets` table, from which a merge of sharded replays rebuilds the same summary.
 
 An analysis that uses another's result for the same checkpoint names it in `reads`; it is computed
 after it and finds its `Measurement` in `self.peers`. Any analysis can also watch training between
@@ -38,6 +39,7 @@ from tokenizers import Tokenizer
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from dynascope.analysis.onsets import Event, judge, onsets_table, summarize
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 from dynascope.core.errors import DynascopeError
 from dynascope.core.records import Table
@@ -55,15 +57,19 @@ LOGPROBS = "logprobs"
 
 
 class Measurement:
-    """What one analysis reports for one checkpoint, and what it carries to the next. A plain class: torchmetrics'
-    compute wrapper walks, copies and clones whatever dataclasses, lists and tensors it finds in what compute()
-    returns, which for tables of hundreds of rows cost more than the analysis."""
+    """What one analysis reports for one checkpoint (values, tables, summary events), what it carries to the
+    next, and `replicates`: values its events read, recomputed on each bootstrap replicate of the probe set
+    ({key: [value per replicate]}, see onsets.py). A plain class: torchmetrics' compute wrapper walks, copies
+    and clones whatever dataclasses, lists and tensors it finds in what compute() returns, which for tables of
+    hundreds of rows cost more than the analysis."""
 
-    __slots__ = ("values", "tables", "summary", "carry")
+    __slots__ = ("values", "tables", "summary", "carry", "replicates")
 
     def __init__(self, values: dict[str, float], tables: dict[str, Table] | None = None,
-                 summary: dict[str, float | None] | None = None, carry: dict[str, Any] | None = None):
+                 summary: dict[str, float | None] | None = None, carry: dict[str, Any] | None = None,
+                 replicates: dict[str, list[float]] | None = None):
         self.values, self.tables, self.summary, self.carry = values, tables or {}, summary or {}, carry or {}
+        self.replicates = replicates or {}
 
 
 @dataclass
@@ -80,26 +86,6 @@ class AnalysisContext:
 
     def decode(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) if self.tokenizer is not None else str(i) for i in ids]
-
-
-def onset(previous: list, holds: bool, step: int) -> list:
-    """An event that holds from some checkpoint on, as a list of (step, event step or None) revisions:
-    the event step is the first checkpoint from which the condition has held at every later one; it is
-    revised away (None) when the condition fails, and set again when it next holds."""
-    current = previous[-1][1] if previous else None
-    if holds and current is None:
-        return [*previous, (step, step)]
-    if not holds and current is not None:
-        return [*previous, (step, None)]
-    return previous
-
-
-def onset_summary(key: str, revisions: list) -> dict[str, float | None]:
-    """Summary keys of an onset: the event step (None while revised away) and how often it was revised."""
-    if not revisions:
-        return {}
-    step = revisions[-1][1]
-    return {key: None if step is None else float(step), key.replace("_step", "_revisions"): float(len(revisions) - 1)}
 
 
 class Analysis(Metric):
@@ -132,8 +118,9 @@ class Analysis(Metric):
         super().__init__(compute_with_cache=False)  # compute() is pure; recomputing must agree
         self.shape, self.context = shape, context
         self.list_states: set[str] = set()  # states reduced by concatenation ("cat"), kept as lists
-        self.revisions: dict[str, list] = {}  # each event's onset revisions so far
-        self.previous_values: dict[str, float] | None = None  # what the events compare with
+        self.onset_history: dict[str, list] = {}  # each event's judgements so far (onsets.py)
+        self.previous_values: dict[str, float] | None = None  # what the events compare with, and its replicates
+        self.previous_replicates: dict[str, list[float]] | None = None
 
     @classmethod
     def figures(cls, plot: RunPlot) -> list[Figure]:
@@ -168,7 +155,7 @@ class Analysis(Metric):
 
     @property
     def carried(self) -> tuple[str, ...]:
-        return (*self.carry, "revisions", "previous_values")
+        return (*self.carry, "onset_history", "previous_values", "previous_replicates")
 
     def advance(self, result: Measurement) -> None:
         """Adopt the result's carry as the state seen by the next checkpoint's `compute()`."""
@@ -177,16 +164,24 @@ class Analysis(Metric):
                 raise KeyError(f"{self.name} carries {name!r}, which is not listed in its `carry`")
             setattr(self, name, value)
 
-    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
-        """{event key: whether its condition holds at this checkpoint}; none by default."""
-        return {}
+    def events(self) -> list[Event]:
+        """The events this analysis declares (onsets.py); none by default."""
+        return []
 
-    def onsets(self, values: dict[str, float]) -> tuple[dict[str, float | None], dict[str, Any]]:
-        """The summary of this checkpoint's events, and the carry that continues them."""
-        holds = self.events(values, self.previous_values)
-        revisions = {key: onset(self.revisions.get(key, []), h, self.step) for key, h in holds.items()}
-        summary = {k: v for key, steps in revisions.items() for k, v in onset_summary(key, steps).items()}
-        return summary, {"revisions": revisions, "previous_values": values} if holds else {}
+    def conclude(self, result: Measurement) -> Measurement:
+        """`result` with the declared events judged at this checkpoint: their onsets in the summary, the
+        judgements in the `<name>/onsets` table and in the carry. Pure, as compute()."""
+        events = self.events()
+        if not events:
+            return result
+        judged = judge(events, self.step, result.values, result.replicates, self.previous_values,
+                       self.previous_replicates)
+        history = self.onset_history | {name: [*self.onset_history.get(name, []), j] for name, j in judged.items()}
+        summary = {k: v for e in events if e.name in history for k, v in summarize(e, history[e.name]).items()}
+        carry = {"onset_history": history, "previous_values": result.values,
+                 "previous_replicates": result.replicates}
+        return Measurement(result.values, result.tables | {f"{self.name}/onsets": onsets_table(judged)},
+                           result.summary | summary, result.carry | carry, result.replicates)
 
     def training_hook_names(self) -> list[str]:
         """Hooks whose activations on training batches `observe_training` receives (online only)."""

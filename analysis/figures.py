@@ -53,6 +53,11 @@ class TrainingAxis:
     def x(self, row: dict) -> float:
         return row["tokens_seen"] if self.by_tokens else row["step"]
 
+    @property
+    def title_pad(self) -> float:
+        """Room above the axes for a title: the step axis on top takes some."""
+        return 24 if self.by_tokens and self.tokens_per_step else 6
+
     def setup(self, ax) -> None:
         if not self.by_tokens:
             ax.set_xscale("symlog", linthresh=1)
@@ -96,7 +101,7 @@ class RunPlot:
 
     def finish(self, ax, title: str, ylabel: str = "", legend: bool = False) -> None:
         self.axis.setup(ax)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, pad=self.axis.title_pad)
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
         if legend and ax.get_legend_handles_labels()[0]:

@@ -58,6 +58,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import RunPlot
+from dynascope.analysis.onsets import Event, resample_counts
 from dynascope.analysis.outliers import deep_positions, spearman
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
@@ -86,6 +87,13 @@ def ridge_fit(X: torch.Tensor, y: torch.Tensor, lam: float = 1e-3, holdout: floa
     return A, B, r2.item(), spearman(pred, y[test]), test, pred
 
 
+def resampled_r2(actual: torch.Tensor, predicted: torch.Tensor) -> list[float]:
+    """The held-out R² on each bootstrap replicate of the held-out tokens."""
+    w = resample_counts(len(actual)).to(actual.device)
+    mean = (w @ actual / w.sum(1))[:, None]
+    return (1 - (w * (actual - predicted).square()).sum(1) / (w * (actual - mean).square()).sum(1)).tolist()
+
+
 def deletion_kls(view: ModelView, h: torch.Tensor, orders: list[tuple[torch.Tensor, list[float]]],
                  chunk: int = 1024) -> list[list[float]]:
     """Mean KL(full ‖ deleted) over final-norm outputs h [n, d] when the first ⌊ρ·d⌋ dimensions of an order
@@ -93,6 +101,7 @@ def deletion_kls(view: ModelView, h: torch.Tensor, orders: list[tuple[torch.Tens
     previous one, so the logits z′ are updated by the newly deleted dimensions only, and
     KL = Σ p·log p − p·z′ + logsumexp(z′), with p·z′ updated through p·E (one [n, d] product)."""
     W = view.output_embeddings.float()
+    rows = W.T.contiguous()  # [d, V]: a deletion order's rows are then one gather
     sums = [[0.0] * len(fractions) for _, fractions in orders]
     for i in range(0, len(h), chunk):
         hc = h[i:i + chunk].float()
@@ -102,7 +111,7 @@ def deletion_kls(view: ModelView, h: torch.Tensor, orders: list[tuple[torch.Tens
         pW = p @ W  # [n, d]: p·z′ = p·z − Σ over deleted dims j of h_j (p·E)_j
         entropy_term = (p * lp).sum(-1) - (p * z).sum(-1)
         for (order, fractions), acc in zip(orders, sums, strict=True):
-            h_o, pW_o, W_o = hc[:, order], pW[:, order], W[:, order].T.contiguous()  # deletion order: slices
+            h_o, pW_o, W_o = hc[:, order], pW[:, order], rows[order]  # in deletion order
             zd, kl_linear, done = z.clone(), entropy_term.clone(), 0
             for k, cut in enumerate(int(f * len(order)) for f in fractions):
                 zd.addmm_(h_o[:, done:cut], W_o[done:cut], alpha=-1)
@@ -177,17 +186,23 @@ class Frequency(Analysis):
         tables["frequency/deletion_curve"], deletion = self._deletion(A32)
         out |= deletion
         tables |= self._figures(W[tokens], y, test, pred, target[test])
-        summary, events = self.onsets(out)
-        return Measurement(out, tables, summary, carry | {"prev_A": A32.detach().clone()} | events)
+        return Measurement(out, tables, carry=carry | {"prev_A": A32.detach().clone()},
+                           replicates={"frequency/r2_corpus": resampled_r2(target[test], pred)})
 
-    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
-        """Converged: R² high enough and no longer moving, and the direction A no longer turning."""
-        r2, cos = values.get("frequency/r2_corpus"), values.get("frequency/direction_cos_prev")
-        before = (previous or {}).get("frequency/r2_corpus")
-        if r2 is None:  # no corpus counts: nothing to converge
-            return {}
-        return {"frequency/converged_step": cos is not None and before is not None and r2 >= self.min_r2
-                and abs(r2 - before) <= self.r2_tolerance and cos >= self.cos_threshold}
+    def events(self) -> list[Event]:
+        """Encoded: R² of the corpus fit high enough from then on. Converged: also no longer moving, and the
+        direction A no longer turning. Without corpus counts neither is judged."""
+        def converged(values: dict, previous: dict | None) -> bool:
+            r2, cos = values["frequency/r2_corpus"], values.get("frequency/direction_cos_prev")
+            before = (previous or {}).get("frequency/r2_corpus")
+            return cos is not None and before is not None and r2 >= self.min_r2 \
+                and abs(r2 - before) <= self.r2_tolerance and cos >= self.cos_threshold
+
+        tokens = "the held-out tokens of the corpus fit (R²); the fitted direction is the weights' and is not"
+        return [Event("frequency/encoded", lambda values, previous: values["frequency/r2_corpus"] >= self.min_r2,
+                      resampled=tokens, shown="frequency/r2_corpus", threshold=self.min_r2),
+                Event("frequency/converged", converged, resampled=tokens, shown="frequency/r2_corpus",
+                      threshold=self.min_r2)]
 
     def _direction(self, A: torch.Tensor) -> dict[str, float]:
         h = dim_zero_cat(self.h)

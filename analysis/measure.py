@@ -4,7 +4,8 @@
 probe batch with the union of the requested hooks (and its log-probabilities, once, for the analyses that
 ask for `LOGPROBS`), feeds every analysis from it (with the batch's
 global probe-window indices), then per analysis computes (a collective under torch.distributed;
-analyses that read another's result come after it), advances its carry and resets its states. It
+analyses that read another's result come after it), judges its events (`Analysis.conclude`), advances its
+carry and resets its states. It
 returns one `CheckpointRecord`, which a `Recorder` (`dynascope.outputs`) writes everywhere, with each analysis's time
 (its updates and its compute; the shared forward pass is nobody's), which training logs as
 `dynamics/seconds/<analysis>`.
@@ -66,7 +67,7 @@ def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step
         for a in _in_reading_order(analyses):
             progress(a.name)
             a.peers = {name: results[name] for name in a.reads if name in results}
-            results[a.name] = timed(a, a.compute)
+            results[a.name] = timed(a, lambda: a.conclude(a.compute()))
             a.advance(results[a.name])
             a.reset()
             record.values |= results[a.name].values

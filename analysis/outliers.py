@@ -58,6 +58,7 @@ non-OD dimensions without also excluding the unembedding's own outlier dimension
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,6 +67,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import RunPlot, time_colors
+from dynascope.analysis.onsets import Event, resample_counts, weighted_quantile
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
 if TYPE_CHECKING:
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
 
 N_RANDOM = 5
 N_MEDIANS = 32  # sorted medians kept in the `outliers/medians` table
+CANDIDATES = 8  # dimensions whose medians the bootstrap replicates recompute
 
 
 def outlier_dims(h: torch.Tensor, q: float = 0.99) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,6 +104,36 @@ def deep_positions(tokens: torch.Tensor, skip: int, eos_id: int | None, need_nex
     if need_next:
         keep[:, -1] = False
     return keep
+
+
+def varying_share(h: torch.Tensor) -> float:
+    """The share of Σ‖h‖² that varies across positions: Σ‖h − h̄‖² / Σ‖h‖² (0 for a constant state)."""
+    h = h.double()
+    return (1 - h.sum(0).square().sum() / (len(h) * h.square().sum())).item()
+
+
+def resampled_scores(h: torch.Tensor, window: torch.Tensor, candidates: torch.Tensor,
+                     chunk: int = 50) -> dict[str, list[float]]:
+    """`outliers/score_max` and `outliers/h_varying_share` on each bootstrap replicate of the probe windows: T
+    from the top 2% of |h|'s entries (the 99th percentile of a replicate lies among them), the medians of the
+    `candidates` (the dimensions with the largest median / T)."""
+    ids, position_window = torch.unique(window, return_inverse=True)
+    counts = resample_counts(len(ids)).to(h.device)
+    a = h.abs().double()
+    top = a.flatten().topk(max(1, math.ceil(0.02 * a.numel())))
+    top_rows = top.indices // a.shape[1]
+    score, share = [], []
+    for i in range(0, len(counts), chunk):
+        w = counts[i:i + chunk][:, position_window]  # [b, N] each position's weight
+        # T: the value at which the weight counted from the top reaches 1% of all entries' weight
+        from_top = w[:, top_rows].cumsum(1)
+        k = torch.searchsorted(from_top, 0.01 * a.shape[1] * w.sum(1, keepdim=True)).clamp_max(len(top_rows) - 1)
+        T = top.values[k.squeeze(1)]
+        medians = torch.stack([weighted_quantile(a[:, c], w, 0.5) for c in candidates.tolist()], 1)
+        score += (medians.amax(1) / T).tolist()
+        s1, s2 = w @ h.double(), w @ h.double().square().sum(1)
+        share += (1 - s1.square().sum(1) / (w.sum(1) * s2)).tolist()
+    return {"outliers/score_max": score, "outliers/h_varying_share": share}
 
 
 def robust_z(x: torch.Tensor) -> torch.Tensor:
@@ -199,11 +232,13 @@ class Outliers(Analysis):
     reference_lines = {"outliers/score_max": 1.0}  # > 1: an OD
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, skip_positions: int = 16,
-                 control_positions: int = 512, seed: int = 0):
+                 control_positions: int = 512, min_varying_share: float = 0.5, seed: int = 0):
         super().__init__(shape, context)
         self.skip_positions, self.control_positions, self.seed = skip_positions, control_positions, seed
+        self.min_varying_share = min_varying_share
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.add_state("gold", default=[], dist_reduce_fx="cat")
+        self.add_state("window", default=[], dist_reduce_fx="cat")  # each position's probe window
         # the full head at the same positions, from the forward pass's log-probabilities
         self.add_state("top1", default=[], dist_reduce_fx="cat")
         self.add_state("entropy_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -218,18 +253,23 @@ class Outliers(Analysis):
         gold, lp = tokens.roll(-1, dims=1)[keep], cache[LOGPROBS][keep]
         self.h.append(cache["ln_final.hook_normalized"][keep].float())
         self.gold.append(gold)
+        self.window.append(windows[:, None].expand_as(keep)[keep])
         top1 = lp.argmax(-1)
         self.top1.append(top1)
         self.entropy_sum -= (lp.exp() * lp).sum().double()
         self.correct += (top1 == gold).sum()
 
     def compute(self) -> Measurement:
-        h, gold = dim_zero_cat(self.h), dim_zero_cat(self.gold)
+        h, gold, window = dim_zero_cat(self.h), dim_zero_cat(self.gold), dim_zero_cat(self.window)
         ods, med, T = outlier_dims(h)
+        share = varying_share(h)
+        if share < self.min_varying_share:  # a near-constant state: the rule would find ODs by construction
+            ods = ods[:0]
         d = h.shape[1]
         od_list = ods.tolist()
         out = {"outliers/count": float(len(ods)), "outliers/score_max": (med / T).max().item(),
-               "outliers/robust_z_max": robust_z(med).max().item(), "outliers/threshold": T.item()}
+               "outliers/robust_z_max": robust_z(med).max().item(), "outliers/threshold": T.item(),
+               "outliers/h_varying_share": share}
         if self.prev_ods is not None:
             union = set(self.prev_ods) | set(od_list)
             out["outliers/jaccard_prev"] = len(set(self.prev_ods) & set(od_list)) / len(union) if union else 1.0
@@ -241,11 +281,15 @@ class Outliers(Analysis):
                   "outliers/medians": Table(["rank", "dimension", "median / threshold"],
                                             [[i, dim, v] for i, (dim, v) in
                                              enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))])}
-        summary, events = self.onsets(out)
-        return Measurement(out, tables, summary, {"prev_ods": od_list} | events)
+        return Measurement(out, tables, carry={"prev_ods": od_list},
+                           replicates=resampled_scores(h, window, top.indices[:CANDIDATES]))
 
-    def events(self, values: dict[str, float], previous: dict[str, float] | None) -> dict[str, bool]:
-        return {"outliers/emergence_step": values["outliers/count"] >= 1}
+    def events(self) -> list[Event]:
+        return [Event("outliers/emergence", lambda values, previous: values["outliers/score_max"] > 1,
+                      guard=lambda values: values["outliers/h_varying_share"] >= self.min_varying_share,
+                      resampled="the probe windows: the medians of the 8 dimensions with the largest median / T, "
+                                "T itself, and the varying share of the last-layer state",
+                      shown="outliers/score_max", threshold=1.0)]
 
     def _predictions(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
         """The full head, and with ODs the ablated conditions (the random controls on a seeded subsample of

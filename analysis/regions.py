@@ -43,6 +43,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import RunPlot, changes, layer_color, time_colors
+from dynascope.analysis.onsets import Event, resample_counts, weighted_quantile
 from dynascope.analysis.view import Cache, ModelShape
 from dynascope.core.errors import DynascopeError
 
@@ -64,15 +65,17 @@ class Regions(Analysis):
     reference_lines = {"regions/sharpness_median": 1.0}  # 1: no region boundary
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, write_layers: list[int] | None = None,
-                 n_alpha: int = 21, prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512):
+                 n_alpha: int = 21, prompt_length: int = 10, pairs_per_window: int = 2, chunk: int = 512,
+                 sharp: float = 1.25):
         super().__init__(shape, context)
+        self.sharp = sharp
         self.write_layers = write_layers if write_layers is not None else sorted({0, shape.n_layers // 2})
         if any(not 0 <= w < shape.n_layers for w in self.write_layers):
             raise DynascopeError(f"regions write_layers {self.write_layers} outside 0..{shape.n_layers - 1}")
         self.n_alpha, self.prompt_length, self.pairs_per_window, self.chunk = (n_alpha, prompt_length,
                                                                                 pairs_per_window, chunk)
         for w in self.write_layers:
-            for state in ("sharpness", "jumps", "kl_mid", "flips", "curves"):
+            for state in ("sharpness", "jumps", "kl_mid", "flips", "curves", "windows"):
                 self.add_state(f"{state}_L{w}", default=[], dist_reduce_fx="cat")
             self.add_state(f"dropped_L{w}", torch.tensor(0), dist_reduce_fx="sum")
 
@@ -119,6 +122,7 @@ class Regions(Analysis):
             dn = d[keep] / d[keep, -1:]
             steps = dn.diff(dim=1)
             getattr(self, f"sharpness_L{w}").append(steps.amax(dim=1) * (self.n_alpha - 1))
+            getattr(self, f"windows_L{w}").append(windows.repeat(self.pairs_per_window)[keep])  # each pair's A
             getattr(self, f"jumps_L{w}").append((steps > JUMP).sum(dim=1).float())
             getattr(self, f"curves_L{w}").append(dn)
             lp = torch.cat(lps)[keep]
@@ -156,7 +160,23 @@ class Regions(Analysis):
             columns += [f"L{w}", f"L{w} p25", f"L{w} p75"]
         alpha = torch.linspace(0, 1, self.n_alpha)
         rows = torch.stack([alpha, *(s.cpu() for s in series)], dim=1).tolist()
-        return Measurement(out, tables={"regions/median_curve": Table(columns, rows)})
+        first = self.write_layers[0]
+        sharpness, windows = self._cat("sharpness", first), self._cat("windows", first)
+        replicates = {}
+        if len(sharpness):
+            ids, pair_window = torch.unique(windows, return_inverse=True)
+            weights = resample_counts(len(ids)).to(sharpness.device)[:, pair_window]
+            replicates["regions/sharpness_median"] = weighted_quantile(sharpness.double(), weights, 0.5).tolist()
+        return Measurement(out, tables={"regions/median_curve": Table(columns, rows)}, replicates=replicates)
+
+    def events(self) -> list[Event]:
+        """Sharpening: from then on, the median sharpness at the first write layer is at least `sharp` (1.25;
+        ≈ 1.1 at initialisation). Resampled: the probe windows the prompt pairs come from (each replicate's
+        median is the lower weighted median of its pairs)."""
+        return [Event("regions/sharpening",
+                      lambda values, previous: values["regions/sharpness_median"] >= self.sharp,
+                      resampled="the probe windows of the prompt pairs", shown="regions/sharpness_median",
+                      threshold=self.sharp)]
 
     @classmethod
     def figures(cls, plot: RunPlot) -> list[Figure]:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, build
+from dynascope.analysis.base import Analysis, AnalysisContext, build
 from dynascope.analysis.measure import measure, stage_count
+from dynascope.analysis.onsets import history_from_tables, summarize
 from dynascope.analysis.view import ModelShape, ModelView, TransformerView
 from dynascope.core.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.core.errors import DynascopeError
@@ -120,17 +121,15 @@ def _done(value: object) -> Future:
     return future
 
 
-def replay_events(analyses: list[Analysis], rows: list[dict]) -> dict[str, float | None]:
-    """The summary events of `rows` (in step order) by each analysis's rules, as measured in one pass."""
+def replay_events(analyses: list[Analysis], tables: dict[str, list[dict]]) -> dict[str, float | None]:
+    """The summary events of the analyses, rebuilt from their onsets tables ({table key: its entries}), as one
+    pass measuring every checkpoint in step order reports them."""
     summary: dict[str, float | None] = {}
     for a in analyses:
-        for row in rows:
-            values = {k: v for k, v in row.items() if k.startswith(a.name + "/") and v == v}
-            if values:
-                a.step = int(row["step"])
-                events, carry = a.onsets(values)
-                a.advance(Measurement({}, carry=carry))
-                summary |= events
+        history = history_from_tables(tables.get(f"{a.name}/onsets", []))
+        for event in a.events():
+            if event.name in history:
+                summary |= summarize(event, history[event.name])
     return summary
 
 
@@ -156,8 +155,9 @@ def run_context(run_dir: str | Path, config: dict) -> AnalysisContext:
 def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
                batch_size: int | None = None, options: dict[str, dict] | None = None,
                shard: tuple[int, int] | None = None) -> Replay:
-    """The replay of a run's snapshots (all, or `steps`) with the analysis options and probe batch size of its
-    config; with `shard` (index, count), of that shard's part only."""
+    """The replay of a run's snapshots and its zooms' (all, or `steps`) with the analysis options and probe batch
+    size of its config; with `shard` (index, count), of that shard's part only. A zoom's step that the run has too
+    is the run's (they are byte-identical); the zooms' own steps are labelled `zoom <step>`."""
     run = RunFiles(run_dir)
     if not run.config.is_file():
         raise DynascopeError(f"{run.root} is not a dynascope run directory (no config.yaml)")
@@ -167,23 +167,31 @@ def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: li
     manifest = read_manifest(run.root)
     if not manifest:
         raise DynascopeError(f"{run.manifest} lists no snapshots")
-    missing = sorted(set(steps or []) - set(manifest))
+    sources = {s: (run, row) for s, row in manifest.items()}  # where each step's snapshot lies
+    for zoom in run.zooms():
+        for s, row in read_manifest(zoom.root).items():
+            sources.setdefault(s, (zoom, row))
+    missing = sorted(set(steps or []) - set(sources))
     if missing:
-        raise DynascopeError(f"--steps {missing} have no snapshot in {run.snapshots} (have {sorted(manifest)})")
-    trajectory = trajectory_hash(config)
+        raise DynascopeError(f"--steps {missing} have no snapshot in {run.snapshots} or its zooms (have "
+                             f"{sorted(sources)})")
+    trajectories: dict[Path, str] = {}
 
     def load_view(label: str, device: str) -> ModelView:
-        step = int(label)
-        if manifest[step].get("config_hash") not in (None, arch.hash()):
-            raise DynascopeError(f"snapshot {run.snapshot(step)} was written by another model config")
-        if manifest[step].get("trajectory_hash") not in (None, trajectory):
-            raise DynascopeError(f"snapshot {run.snapshot(step)} belongs to another trajectory than {run.config} "
-                                 "(the manifest's trajectory_hash differs)")
-        weights = load_snapshot(run.root, step, device=device)
-        return TransformerView.from_snapshot(arch, weights, str(run.snapshot(step)))
+        step = int(label.split()[-1])
+        source, row = sources[step]
+        if source.root not in trajectories:
+            trajectories[source.root] = trajectory_hash(read_yaml(source.config, "run config"))
+        if row.get("config_hash") not in (None, arch.hash()):
+            raise DynascopeError(f"snapshot {source.snapshot(step)} was written by another model config")
+        if row.get("trajectory_hash") not in (None, trajectories[source.root]):
+            raise DynascopeError(f"snapshot {source.snapshot(step)} belongs to another trajectory than "
+                                 f"{source.config} (the manifest's trajectory_hash differs)")
+        weights = load_snapshot(source.root, step, device=device)
+        return TransformerView.from_snapshot(arch, weights, str(source.snapshot(step)))
 
-    checkpoints = [Checkpoint(s, float(manifest[s].get("tokens_seen", math.nan)), str(s))
-                   for s in sorted(steps or manifest)]
+    checkpoints = [Checkpoint(s, float(sources[s][1].get("tokens_seen", math.nan)),
+                              str(s) if sources[s][0] is run else f"zoom {s}") for s in sorted(steps or sources)]
     return Replay(shard_of(checkpoints, shard), load_view, str(max(manifest)), probe, analyses,
                   run_context(run.root, config), batch_size or (config.get("dynamics") or {}).get("batch_size", 16),
                   run_options(run.root, options))

@@ -55,6 +55,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import Analysis, AnalysisContext, Measurement
 from dynascope.analysis.figures import RunPlot, changes
+from dynascope.analysis.onsets import Event
 from dynascope.analysis.view import Cache, ModelShape
 from dynascope.core.errors import DynascopeError
 
@@ -77,13 +78,14 @@ class Sparsity(Analysis):
     compare_keys = ("sparsity/batch_usage", "sparsity/dead_frac")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, batch_window_tokens: int = 8192,
-                 dead_min_tokens: int = 2 ** 20, dead_source: str = "training", sleep_margin: float = 0.1):
+                 dead_min_tokens: int = 2 ** 20, dead_source: str = "training", sleep_margin: float = 0.1,
+                 usage_dip: float = 0.9):
         super().__init__(shape, context)
         if dead_source not in ("training", "probe"):
             raise DynascopeError(f"sparsity dead_source {dead_source!r}: choose training or probe")
         self.batch_window_tokens, self.dead_min_tokens, self.dead_source = (batch_window_tokens, dead_min_tokens,
                                                                              dead_source)
-        self.sleep_margin = sleep_margin
+        self.sleep_margin, self.usage_dip = sleep_margin, usage_dip
         L, F = shape.n_layers, shape.d_mlp
         self.add_state("density", default=[], dist_reduce_fx="cat")  # [tokens, L]
         self.add_state("seq_usage", default=[], dist_reduce_fx="cat")  # [windows, L]
@@ -159,6 +161,19 @@ class Sparsity(Analysis):
             return Measurement(out, carry={"pending": stream})
         values, carry = self._judge(stream)
         return Measurement(out | values, carry=carry | {"pending": None})
+
+    def events(self) -> list[Event]:
+        """First death: from then on, some layer has a dead unit at every judgement (judgements only). Usage dip:
+        the first checkpoint at which some layer's batch usage falls below `usage_dip` (0.9). Neither is
+        resampled: death is judged on the training stream, not the probe set, and batch usage is a union over
+        one fixed window of probe tokens, which a bootstrap of windows would bias downwards."""
+        L = self.shape.n_layers
+        return [Event("sparsity/first_death",
+                      lambda values, previous: sum(values[f"sparsity/dead_count/L{l}"] for l in range(L)) >= 1,
+                      shown="sparsity/dead_frac"),
+                Event("sparsity/usage_dip", lambda values, previous: min(
+                    values[f"sparsity/batch_usage/L{l}"] for l in range(L)) < self.usage_dip, sustained=False,
+                    shown="sparsity/batch_usage", threshold=self.usage_dip)]
 
     def _stream(self) -> dict | None:
         """The tokens death is judged on: the probe set, or the training stream since the last judgement."""

@@ -48,9 +48,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import RunPlot, finite
+from dynascope.analysis.onsets import Event, resample_counts
 from dynascope.analysis.view import Cache, ModelShape
 
 if TYPE_CHECKING:
@@ -72,10 +74,12 @@ class Vocab(Analysis):
     compare_keys = ("vocab/saturation_layer_mean", "vocab/exit_saving")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, position_stride: int = 8, table_values: int = 8,
-                 top_k: int = 10, coherence_values: int = 64, exit_target_accuracy: float = 0.95, seed: int = 0):
+                 top_k: int = 10, coherence_values: int = 64, exit_target_accuracy: float = 0.95,
+                 saturated: float = 0.3, seed: int = 0):
         super().__init__(shape, context)
         self.position_stride, self.table_values, self.top_k = position_stride, table_values, top_k
         self.coherence_values, self.exit_target_accuracy, self.seed = coherence_values, exit_target_accuracy, seed
+        self.saturated = saturated
         L = shape.n_layers
         g = torch.Generator().manual_seed(seed)
         self.sampled_values = torch.stack([torch.randperm(shape.d_mlp, generator=g)[:coherence_values]
@@ -85,6 +89,8 @@ class Vocab(Analysis):
         for state in ("agree", "promotion_rate", "saturation_hist", "n_eliminated"):
             self.add_state(state, torch.zeros(L, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("saving", default=[], dist_reduce_fx="cat")  # each position's oracle saving, and window
+        self.add_state("saving_window", default=[], dist_reduce_fx="cat")
         # early exit per threshold, on [fit, held-out] windows: correct exits, layers saved, positions
         self.add_state("exit_correct", torch.zeros(2, len(THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("exit_saved", torch.zeros(2, len(THRESHOLDS), dtype=torch.float64), dist_reduce_fx="sum")
@@ -109,6 +115,8 @@ class Vocab(Analysis):
         sat = L - eq.flip(0).int().cumprod(0).sum(0)  # first layer of the trailing run of agreement
         self.agree += eq.double().sum(1)
         self.saturation_hist += torch.bincount(sat, minlength=L)[:L].double()
+        self.saving.append(1 - (sat + 1).double() / L)
+        self.saving_window.append(window)
         self.n_positions += final.numel()
         self._early_exit(confidence, preds, final, window % 2)
         random_units = self._random_units(windows, len(pos))  # [L, N, TOP]
@@ -189,8 +197,9 @@ class Vocab(Analysis):
             per |= {f"{kind}_{stat}": mean[i] for i, stat in enumerate(("max", "mean", "min"))}
         for key, vals in per.items():
             out |= {f"vocab/{key}/L{l}": v for l, v in enumerate(vals.tolist())}
+        unit_rows = torch.nn.functional.normalize(self.view.output_embeddings.float(), dim=-1)
         for l in range(L):
-            out[f"vocab/value_coherence/L{l}"], out[f"vocab/random_coherence/L{l}"] = self._coherence(l)
+            out[f"vocab/value_coherence/L{l}"], out[f"vocab/random_coherence/L{l}"] = self._coherence(l, unit_rows)
         rows = []
         for l in range(L):
             units = self.sampled_values[l][:self.table_values]
@@ -202,7 +211,18 @@ class Vocab(Analysis):
                   "vocab/exit_curve": Table(["threshold", "fit accuracy", "held-out accuracy", "held-out saving"],
                                             [[t, *vals] for t, vals in zip(THRESHOLDS, torch.stack(
                                                 [accuracy[0], accuracy[1], saving[1]], 1).tolist(), strict=True)])}
-        return Measurement(out, tables=tables)
+        saving, window = dim_zero_cat(self.saving), dim_zero_cat(self.saving_window)
+        ids, position_window = torch.unique(window, return_inverse=True)
+        w = resample_counts(len(ids)).to(saving.device)[:, position_window]
+        replicates = {"vocab/oracle_exit_saving": (w @ saving / w.sum(1)).tolist()}
+        return Measurement(out, tables=tables, replicates=replicates)
+
+    def events(self) -> list[Event]:
+        """Saturation: from then on, an oracle exiting at the saturation layer saves at least `saturated` (0.3) of
+        the layers (≈ 0.1 at initialisation). Resampled: the probe windows of the positions."""
+        return [Event("vocab/saturation", lambda values, previous: values["vocab/oracle_exit_saving"] >= self.saturated,
+                      resampled="the probe windows of the positions", shown="vocab/oracle_exit_saving",
+                      threshold=self.saturated)]
 
     def value_top_tokens(self, layer: int, units: torch.Tensor, k: int) -> torch.Tensor:
         """Top-k token ids of E·v_i for each unit i: [len(units), k]."""
@@ -212,9 +232,10 @@ class Vocab(Analysis):
         """Top-k token ids of the raw vocabulary projection E·v of each vector: [n, k]."""
         return (vectors @ self.view.output_embeddings.float().T).topk(k, dim=-1).indices
 
-    def _coherence(self, layer: int) -> tuple[float, float]:
+    def _coherence(self, layer: int, E: torch.Tensor) -> tuple[float, float]:
+        """Coherence of the layer's sampled values and of matched Gaussian vectors; E: the unit-norm rows of the
+        unembedding."""
         values = self.view.mlp_values(layer).float()
-        E = torch.nn.functional.normalize(self.view.output_embeddings.float(), dim=-1)
         g = torch.Generator().manual_seed(self.seed + layer)
         noise = torch.randn(len(self.sampled_values[layer]), values.shape[1], generator=g).to(values.device)
         random = values.mean(0) + noise * values.std(0)

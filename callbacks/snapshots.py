@@ -47,7 +47,8 @@ class OnSchedule(L.Callback):
 class Snapshots(OnSchedule):
     """Writes a weights-only snapshot at every scheduled step, including step 0 before any update."""
 
-    def __init__(self, log_cap: int = 512, every: int = 1000, wandb_artifacts: bool = False):
+    def __init__(self, log_cap: int = 512, every: int = 1000, wandb_artifacts: bool = False,
+                 at: list[int] | None = None):
         """Pythia's schedule: steps 0, 1, 2, 4, ..., log_cap, then every `every` steps, and the final step.
 
         Args:
@@ -55,10 +56,11 @@ class Snapshots(OnSchedule):
             every: Period in steps after log_cap (0: none).
             wandb_artifacts: Also log each snapshot to the wandb run, as a version of one model artifact
                 with the alias stepN (4 bytes per parameter each: 7 MB for tiny-relu, 0.5 GB for gpt2-124m).
+            at: Exactly these steps (and the final one) instead of the schedule: a zoom's dense steps.
         """
         require(log_cap >= 0, "snapshots.log_cap", log_cap, "must be 0 or more")
         require(every >= 0, "snapshots.every", every, "must be 0 (no periodic snapshots) or a positive period")
-        self.schedule = CheckpointSchedule(log_cap, every)
+        self.schedule = CheckpointSchedule(log_cap, every, tuple(at) if at is not None else None)
         self.wandb_artifacts = wandb_artifacts
         self.trajectory_hash: str | None = None  # of the run's trajectory settings, set by `dynascope fit`
 

@@ -161,9 +161,10 @@ def merge(request: AnalyzeRequest, plot: bool = True) -> Outcome:
             for key, path in shard.table_files().items():
                 for entry in read_table(path):
                     recorder.log_table(key, Table(entry["columns"], entry["rows"]), entry["step"])
-        rows = sorted((r for r in read_csv(files.metrics_csv)), key=lambda r: r["step"])
+        rows = read_csv(files.metrics_csv)
         shape = ModelShape(**read_json(shards[0].shape, "shard shape"))
-        summary = replay_events(build(request.analyses, shape, None, request.analysis_options()), rows)
+        tables = {key: read_table(path) for key, path in files.table_files().items()}
+        summary = replay_events(build(request.analyses, shape, None, request.analysis_options()), tables)
         if summary:
             recorder.log_summary(summary)
         for shard in shards:

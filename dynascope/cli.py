@@ -36,6 +36,8 @@ COMMANDS = {
     "sync": "upload a run directory's record to wandb as one run (e.g. after offline resumes)",
     "sweep": "train one run per combination of a grid of settings, one after another or as a Slurm array job",
     "compare": "write one page overlaying the headline curves of several runs (seeds as bands) and their events",
+    "onsets": "list a run's onsets: step, bracket, interval, confidence and guard, and the zoom that resolves each",
+    "zoom": "train a stretch of a run again, snapshotting and measuring it densely, to resolve an onset",
 }
 
 
@@ -275,6 +277,39 @@ def _compare(argv: list[str]) -> None:
     print(f"compare: {write_compare(a.dirs, a.out)}")
 
 
+def _onsets(argv: list[str]) -> None:
+    from dynascope.pages.onsets import format_rows, onset_rows, onset_summary
+
+    p = _Parser(prog="dynascope onsets", description=COMMANDS["onsets"])
+    p.add_argument("run", help="run directory (or the --out directory of `dynascope analyze --hf`)")
+    a = p.parse_args(argv)
+    rows = onset_rows(onset_summary(a.run), a.run)
+    print(format_rows(rows) if rows else f"{a.run}: no onsets yet (measure it: dynascope analyze {a.run})")
+
+
+def _zoom(argv: list[str]) -> None:
+    from dynascope.zoom import bracket, zoom
+
+    p = _Parser(prog="dynascope zoom", description=COMMANDS["zoom"],
+                epilog="The zoom is RUN/zoom/A-B, a run directory of its own; the run's files are not touched. "
+                       "`dynascope analyze RUN` then includes its points.")
+    p.add_argument("run", help="run directory of `dynascope fit`, with a resume checkpoint at or before --from")
+    p.add_argument("--from", dest="start", type=int, metavar="A", help="the first step of the stretch")
+    p.add_argument("--to", dest="end", type=int, metavar="B", help="its last step")
+    p.add_argument("--every", type=int, default=1, metavar="K", help="a snapshot every K steps (default: 1)")
+    p.add_argument("--onset", metavar="EVENT", help="take --from and --to from this onset's bracket, e.g. "
+                                                    "outliers/emergence (`dynascope onsets RUN` lists them)")
+    a = p.parse_args(argv)
+    if a.onset and (a.start is not None or a.end is not None):
+        p.error("--onset takes the bracket from the run; give it, or --from and --to, not both")
+    if not a.onset and (a.start is None or a.end is None):
+        p.error("give --from A and --to B, or --onset EVENT")
+    start, end = bracket(RunFiles(a.run), a.onset) if a.onset else (a.start, a.end)
+    zoomed = zoom(a.run, start, end, a.every)
+    print(f"zoom: {zoomed.root} (steps {start}-{end} every {a.every}); measure it with the run: "
+          f"dynascope analyze {a.run}")
+
+
 def _fit(argv: list[str]) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -295,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dynascope: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "export": _export,
-                "plot": _plot, "report": _report, "sync": _sync, "sweep": _sweep, "compare": _compare}
+                "plot": _plot, "report": _report, "sync": _sync, "sweep": _sweep, "compare": _compare,
+                "onsets": _onsets, "zoom": _zoom}
     try:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
     except (DynascopeError, argparse.ArgumentError) as e:

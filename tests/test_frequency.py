@@ -72,7 +72,7 @@ def test_convergence_compares_direction_and_weights_across_checkpoints():
     v = head_view(E, a)
     (f,) = build("frequency", v.shape, context)
     first = measure(v, [f], tokens(), step=0)
-    assert "frequency/direction_cos_prev" not in first.values and first.summary == {}
+    assert "frequency/direction_cos_prev" not in first.values and first.summary["frequency/converged_step"] is None
     second = measure(head_view(E * 1.1, a), [f], tokens(), step=8)
     assert second.values["frequency/direction_cos_prev"] == pytest.approx(1.0, abs=1e-4)  # same direction, rescaled
     assert second.values["frequency/wu_rel_change"] == pytest.approx(0.1 / 1.1, rel=1e-4)

@@ -55,7 +55,8 @@ def test_planted_offset_dimensions_are_found_in_order():
     assert out["outliers/score_max"] > 1 and out["outliers/robust_z_max"] > 10
     assert out["outliers/ablate_kl"] > 10 * out["outliers/random_kl"]
     assert {"outliers/full_spearman", "outliers/ablate_mean_logfreq_drop"} <= set(out)
-    assert record.summary == {"outliers/emergence_step": 0.0, "outliers/emergence_revisions": 0.0}
+    assert record.summary["outliers/emergence_step"] == 0.0 and record.summary["outliers/emergence_revisions"] == 0
+    assert out["outliers/h_varying_share"] > 0.5  # a varying state: the guard lets the emergence fire
 
 
 def test_no_planted_dimensions_gives_none_and_revises_emergence():
@@ -66,8 +67,8 @@ def test_no_planted_dimensions_gives_none_and_revises_emergence():
     out = record.values
     assert out["outliers/count"] == 0 and out["outliers/score_max"] < 1 and "outliers/ablate_kl" not in out
     assert out["outliers/jaccard_prev"] == 0.0
-    assert record.summary == {"outliers/emergence_step": None, "outliers/emergence_revisions": 1.0}
-    assert a.revisions == {"outliers/emergence_step": [(0, 0), (4, None)]}
+    assert record.summary["outliers/emergence_step"] is None and record.summary["outliers/emergence_revisions"] == 1
+    assert [j[:3] for j in a.onset_history["outliers/emergence"]] == [[0, True, True], [4, True, False]]
 
 
 def test_self_masking_is_caught_by_the_robust_score():

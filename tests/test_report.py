@@ -15,7 +15,7 @@ from dynascope.core.runfiles import RunFiles
 
 def test_report_page_of_a_run(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path)
-    write_json(RunFiles(run).summary, {"outliers/emergence_step": 4.0, "outliers/emergence_revisions": 1.0,
+    write_json(RunFiles(run).analysis.summary, {"outliers/emergence_step": 4.0, "outliers/emergence_revisions": 1.0,
                                       "frequency/converged_step": None, "frequency/converged_revisions": 2.0})
     main(["report", str(run)])
     index = RunFiles(run).report / "index.html"
@@ -26,9 +26,10 @@ def test_report_page_of_a_run(tiny_run, tmp_path, capsys):
         assert html.escape(REGISTRY[name].paper) in page
     assert [page.index(f"<h2>{REGISTRY[n].title}</h2>") for n in REGISTRY] == sorted(
         page.index(f"<h2>{REGISTRY[n].title}</h2>") for n in REGISTRY)
-    events = dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*</td><td>[^<]*</td><td>[^<]*)</td></tr>", page))
-    assert events["outliers/emergence_step"] == "4</td><td>512</td><td>1"  # step, tokens seen (4 × 4 × 32), revisions
-    assert events["frequency/converged_step"] == "none (revised away)</td><td>—</td><td>2"
+    events = {cells[0]: cells[1:] for cells in (re.findall(r"<td>(.*?)</td>", row)
+                                                for row in re.findall(r"<tr>(.*?)</tr>", page)) if cells}
+    assert events["outliers/emergence"][:2] == ["4", "512"]  # the step and the tokens seen (4 × 4 × 32)
+    assert events["outliers/emergence"][-2] == "1" and events["frequency/converged"][:2] == ["none", "—"]
     images = page.count("data:image/png;base64,")
     assert images == len(list(index.parent.glob("*.png"))) >= 6
 

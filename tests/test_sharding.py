@@ -53,7 +53,7 @@ def test_sharded_replay_equals_the_one_process_replay(how, tiny_run, tmp_path, c
     assert_same(one, outputs(run / "analysis"))
 
 
-def test_events_replayed_from_the_rows_equal_the_measured_ones():
+def test_events_replayed_from_the_onsets_tables_equal_the_measured_ones():
     import torch
     from test_frequency import D, V, head_view, planted, tokens
     from test_outliers import planted_view, windows
@@ -72,7 +72,10 @@ def test_events_replayed_from_the_rows_equal_the_measured_ones():
         records.append(measure(head_view(E, a), [frequency], tokens(), step=10 + step))
     measured = {k: v for r in records for k, v in r.summary.items()}
     assert measured["outliers/emergence_step"] == 3.0 and measured["frequency/converged_step"] == 16.0
-    rows = [{"step": r.step, **r.values} for r in records]
+    tables = {}
+    for r in records:
+        for key, table in r.tables.items():
+            tables.setdefault(key, []).append({"step": r.step, "columns": table.columns, "rows": table.rows})
     fresh = build("outliers", planted_view().shape) + build("frequency", head_view(*planted(0.0, a=a)[:2]).shape,
                                                              context)
-    assert replay_events(fresh, rows) == measured
+    assert replay_events(fresh, tables) == measured

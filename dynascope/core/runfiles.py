@@ -10,6 +10,7 @@
     RUN_DIR/tokenizer.json, counts.npy the run's tokenizer and training-split token counts
     RUN_DIR/.lock                      held by the process that uses the directory
     RUN_DIR/analysis/                  `dynascope analyze`: an output directory (below)
+    RUN_DIR/zoom/A-B/                  `dynascope zoom`: a run directory of its own, retraining steps A to B
 
     OUT/metrics.csv, metrics.parquet   one row per checkpoint
     OUT/summary.json, tables/          as in a run directory
@@ -143,3 +144,11 @@ class RunFiles(RecordFiles):
     @property
     def analysis(self) -> RecordFiles:
         return RecordFiles(self.root / "analysis")
+
+    def zoom(self, start: int, end: int) -> RunFiles:
+        """The run directory of `dynascope zoom --from start --to end`, inside this one."""
+        return RunFiles(self.root / "zoom" / f"{start}-{end}")
+
+    def zooms(self) -> list[RunFiles]:
+        """The zooms of this run so far."""
+        return [RunFiles(p) for p in sorted((self.root / "zoom").glob("*-*")) if p.is_dir()]

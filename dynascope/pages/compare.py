@@ -133,7 +133,7 @@ def _panel(groups: list[Group], metric: str, which: str | None, axis: TrainingAx
         if metric in reference:
             ax.axhline(reference[metric], color="gray", linewidth=0.8, linestyle="--")
         axis.setup(ax)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title, fontsize=10, pad=axis.title_pad)
         ax.grid(alpha=0.3)
         return True
 
@@ -165,11 +165,16 @@ def compare_figures(groups: list[Group]) -> list[tuple[str, Figure]]:
 
 
 def _step(summary: dict, key: str) -> str:
+    """A run's onset: its step, its bracket where it has one, and how often it was revised."""
     if key not in summary:
         return "—"
-    revised = summary.get(key.replace("_step", "_revisions")) or 0
+    name = key.removesuffix("_step")
+    revised = summary.get(f"{name}_revisions") or 0
+    lo, hi = summary.get(f"{name}_bracket_lo"), summary.get(f"{name}_bracket_hi")
     step = "none" if summary[key] is None else f"{summary[key]:.0f}"
-    return step + (f" (revised {revised:.0f}×)" if revised else "")
+    notes = ([f"between {lo:.0f} and {hi:.0f}"] if lo is not None and hi is not None else []) + (
+        [f"revised {revised:.0f}×"] if revised else [])
+    return step + (f" ({', '.join(notes)})" if notes else "")
 
 
 def event_rows(groups: list[Group]) -> tuple[list[str], list[tuple[str, bool, list[str]]]]:

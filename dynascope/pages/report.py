@@ -16,10 +16,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from dynascope.analysis import REGISTRY
+from dynascope.analysis import REGISTRY, build
 from dynascope.analysis.figures import RunPlot, finite
-from dynascope.core.io import atomic_path, ensure_writable
+from dynascope.analysis.onsets import Event, history_from_tables, onset_distribution
+from dynascope.analysis.view import ModelShape
+from dynascope.core.io import atomic_path, ensure_writable, read_json
+from dynascope.core.model import ModelConfig
 from dynascope.core.records import RunHistory
+from dynascope.pages.onsets import COLUMNS, onset_rows
 
 
 def png(fig: Figure) -> bytes:
@@ -46,18 +50,19 @@ def write_page(out: Path, title: str, body: list[str], style: str = "") -> Path:
 
 
 def _events(history: RunHistory) -> str:
-    events = {k: v for k, v in history.summary.items() if k.endswith("_step")}
-    if not events:
-        return "<p>No emergence or convergence events yet.</p>"
+    """The onsets table: each event's step (and tokens seen), bracket, interval, confidence and guard."""
+    rows = onset_rows(history.summary, history.root.root)
+    if not rows:
+        return "<p>No onsets yet.</p>"
     lines = []
-    for key, step in sorted(events.items()):
-        row = history.row_at(step)
+    for name, step, *rest in rows:
+        row = history.row_at(None if step == "none" else float(step))
         tokens = f"{row['tokens_seen']:,.0f}" if row and finite(row.get("tokens_seen")) else "—"
-        revised = history.summary.get(key.replace("_step", "_revisions"), 0)
-        lines.append(f"<tr><td>{html.escape(key)}</td><td>{'none (revised away)' if step is None else int(step)}"
-                     f"</td><td>{tokens}</td><td>{revised:.0f}</td></tr>")
-    return ("<table><tr><th>event</th><th>step</th><th>tokens seen</th><th>revisions</th></tr>"
-            + "".join(lines) + "</table>")
+        cells = [name, step, tokens, *rest[:-1], f"<code>{html.escape(rest[-1])}</code>"]
+        lines.append("<tr>" + "".join(f"<td>{c if c.startswith('<code>') else html.escape(c)}</td>"
+                                      for c in cells) + "</tr>")
+    head = [*COLUMNS[:2], "tokens seen", *COLUMNS[2:]]
+    return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(lines) + "</table>"
 
 
 def _header(history: RunHistory) -> str:
@@ -74,6 +79,89 @@ def _header(history: RunHistory) -> str:
     return " · ".join(html.escape(p) for p in parts)
 
 
+def run_events(history: RunHistory) -> dict[str, tuple[Event, list]]:
+    """{event name: (its Event, its judgements)} of the analyses measured in a run, built as its replay built them
+    (the run's shape and analysis options), with the judgements of its onsets tables; empty when the shape is
+    unknown."""
+    config = history.config or {}
+    if "model" in config:
+        shape = ModelShape.of(ModelConfig(**config["model"]["arch"]))
+    elif history.files.shape.exists():
+        shape = ModelShape(**read_json(history.files.shape, "model shape"))
+    else:
+        return {}
+    analyses = build(measured(history), shape, None, (config.get("dynamics") or {}).get("options"))
+    out = {}
+    for a in analyses:
+        judged = history_from_tables(history.table(f"{a.name}/onsets"))
+        out |= {e.name: (e, judged[e.name]) for e in a.events() if e.name in judged}
+    return out
+
+
+def _span(ax, plot: RunPlot, lo: float | None, hi: float | None, color: str, label: str) -> None:
+    """Shade the checkpoints lo..hi (from the left edge when lo is None)."""
+    right = plot.step_x(hi)
+    if right is not None:
+        left = plot.step_x(lo) if lo is not None else ax.get_xlim()[0]
+        ax.axvspan(left, right, color=color, alpha=0.2, label=label, linewidth=0)
+
+
+def card_title(summary: dict, name: str) -> str:
+    """An onset in words: its step, bracket, interval and confidence, as far as the summary has them."""
+    step, confidence = summary.get(f"{name}_step"), summary.get(f"{name}_confidence")
+    lo, hi = summary.get(f"{name}_bracket_lo"), summary.get(f"{name}_bracket_hi")
+    ilo, ihi = summary.get(f"{name}_interval_lo"), summary.get(f"{name}_interval_hi")
+    title = [f"{name}: " + ("none yet" if step is None else f"step {step:.0f}")]
+    if hi is not None:
+        title.append(f"between {'the start' if lo is None else f'{lo:.0f}'} and {hi:.0f}")
+    if ihi is not None:
+        title.append(f"95% interval {ilo:.0f}–{ihi:.0f}")
+    if confidence is not None:
+        title.append(f"confidence {confidence:.0%}")
+    return "; ".join(title)
+
+
+def onset_card(plot: RunPlot, event: Event, judgements: list) -> Figure | None:
+    """One event: the value that decides it around the onset, the bracket and the interval shaded, zoom points
+    marked; beside it, where the bootstrap replicates put the onset."""
+    summary, name = plot.history.summary, event.name
+    lo, hi = summary.get(f"{name}_bracket_lo"), summary.get(f"{name}_bracket_hi")
+    ilo, ihi = summary.get(f"{name}_interval_lo"), summary.get(f"{name}_interval_hi")
+
+    def curve(ax) -> bool:
+        drawn = plot.layers(ax, event.shown, event.shown) if plot.layered(event.shown) else \
+            plot.curves(ax, {event.shown: event.shown}, event.shown)
+        if not drawn:
+            return False
+        if event.threshold is not None:
+            ax.axhline(event.threshold, color="crimson", linewidth=0.8, linestyle="--")
+        _span(ax, plot, ilo, ihi, "tab:blue", "95% interval")
+        _span(ax, plot, lo, hi, "tab:orange", "bracket")
+        zoom = [plot.axis.x(r) for r in plot.history.rows if str(r.get("label", "")).startswith("zoom")]
+        if zoom:
+            ax.plot(zoom, [ax.get_ylim()[0]] * len(zoom), "|", color="black", markersize=10, label="zoom points")
+        ax.legend(fontsize=7)
+        return True
+
+    def distribution(ax) -> bool:
+        shares = onset_distribution(event, judgements)
+        if not shares:
+            return False
+        steps = sorted(shares)
+        ax.bar([str(s) for s in steps], [shares[s] for s in steps], color="tab:blue")
+        ax.set(xlabel="onset step", ylabel="share of replicates")
+        ax.set_title(f"the onset in {len(judgements[0][3])} bootstrap replicates ({event.resampled.split(':')[0]})",
+                     fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        return True
+
+    fig = RunPlot.row([curve, distribution])
+    if fig is not None:
+        fig.suptitle(card_title(summary, name), fontsize=10)
+        fig.tight_layout()
+    return fig
+
+
 def measured(history: RunHistory) -> list[str]:
     """The registered analyses with keys in the run's rows, in registry order."""
     return [name for name in REGISTRY if any(k.startswith(name + "/") for r in history.rows for k in r)]
@@ -85,7 +173,11 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
     plot = RunPlot(history)
     out = ensure_writable(Path(out_dir) if out_dir else history.root.report)
     body = [f"<h1>{html.escape(history.name)}</h1><p class='meta'>{_header(history)}</p>",
-            "<h2>Emergence and convergence</h2>", _events(history)]
+            "<h2>Onsets</h2>", _events(history)]
+    for i, (event, judgements) in enumerate(run_events(history).values()):
+        fig = onset_card(plot, event, judgements)
+        if fig is not None:
+            body.append(embed(fig, out / f"onset_{i}.png"))
     for name in measured(history):
         analysis = REGISTRY[name]
         paper = f"{analysis.paper}. " if analysis.paper else ""
