@@ -4,7 +4,8 @@ Curves are drawn against tokens seen on a symmetric-log axis (step 0, the initia
 plot), with the step on a second axis on top; without token counts (e.g. Hugging Face checkpoints), against
 the step. Per-layer keys (`.../L{l}`) get one colour per layer, the same in every figure of a run. A panel
 is a function that draws into its axes and returns False when it has nothing to show (a curve that never
-changes); `RunPlot.row` leaves such panels out. Figures are plain `matplotlib.figure.Figure`s: no pyplot,
+changes, or one measured at fewer than `MIN_POINTS` checkpoints), after `RunPlot.leave_out` recorded why (the
+report page says so); `RunPlot.row` leaves such panels out. Figures are plain `matplotlib.figure.Figure`s: no pyplot,
 no global backend, nothing changed for a notebook that imports this.
 """
 
@@ -20,6 +21,7 @@ from dynascope.core.records import RunHistory
 
 Series = tuple[list[float], list[float]]
 Panel = Callable[[object], bool]  # draws into a matplotlib Axes; False: nothing to show
+MIN_POINTS = 4  # a curve over fewer checkpoints is no curve
 
 
 def finite(value) -> bool:
@@ -85,6 +87,23 @@ class RunPlot:
 
     def __init__(self, history: RunHistory):
         self.history, self.axis, self.n_layers = history, TrainingAxis(history.rows), history.n_layers
+        self.left_out: list[str] = []  # why panels were left out, for the page to say
+
+    def leave_out(self, reason: str) -> bool:
+        """Record why a panel is left out; False, for the panel to return."""
+        self.left_out.append(reason)
+        return False
+
+    def empty(self, title: str, curves: list[Series]) -> str | None:
+        """Why curves are not worth a panel (none changes, or none has `MIN_POINTS` points), or None."""
+        points = max((sum(finite(y) for y in ys) for _, ys in curves), default=0)
+        if points == 0:
+            return f"“{title}”: not measured"
+        if points < MIN_POINTS:
+            return f"“{title}”: measured at {points} checkpoint{'s' * (points != 1)} only"
+        if not any(changes(ys) for _, ys in curves):
+            return f"“{title}”: the same value at every checkpoint"
+        return None
 
     def series(self, key: str) -> Series:
         points = [(self.axis.x(r), v) for r, v in self.history.series(key)]
@@ -105,7 +124,7 @@ class RunPlot:
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(alpha=0.3)
         if legend and ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, framealpha=0.7)
 
     def curves(self, ax, keys: dict[str, str], title: str, ylabel: str = "") -> bool:
         """Curves of plain keys ({label: key}); False (nothing drawn) when none of them ever changes."""
@@ -114,8 +133,9 @@ class RunPlot:
     def two_scales(self, ax, left: dict[str, Series], right: tuple[str, Series] | None, title: str,
                    ylabel: str) -> bool:
         """Curves on the left axis and, optionally, one on a right axis of its own; False when none changes."""
-        if not any(changes(ys) for _, ys in [*left.values(), *([right[1]] if right else [])]):
-            return False
+        reason = self.empty(title, [*left.values(), *([right[1]] if right else [])])
+        if reason:
+            return self.leave_out(reason)
         for label, (xs, ys) in left.items():
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
         self.finish(ax, title, ylabel, legend=len(left) > 1)
@@ -128,8 +148,9 @@ class RunPlot:
     def layers(self, ax, metric: str, title: str, ylabel: str = "", emphasise_ends: bool = False) -> bool:
         """One curve per layer of `metric/L{l}`, in the layer's colour; False when no layer's curve changes."""
         layers = self.layered(metric)
-        if not any(changes(ys) for _, ys in layers.values()):
-            return False
+        reason = self.empty(title, list(layers.values()))
+        if reason:
+            return self.leave_out(reason)
         for l, (xs, ys) in layers.items():
             wide = emphasise_ends and l in (0, self.n_layers - 1)
             ax.plot(xs, ys, marker="o", markersize=3, color=layer_color(l, self.n_layers), label=f"layer {l}",

@@ -13,44 +13,49 @@ float64 (λ = 1e-3, centred) on 80% of these tokens (seeded split), scored on th
 - `frequency/r2_output`: the held-out R² of −log α_w (α the model's mean output probability over the
   probe positions) fitted linearly on −log(corpus frequency): how closely the model's average
   prediction follows corpus frequency. Near 0 at random init (α is almost uniform), near 1 once the
-  model has learned the unigram distribution. Departure: paper B's own fit of −log α from E[w] is
-  not logged. It is close to exact whenever the final hidden states h are concentrated, whatever the
-  weights learned (α_w ≈ exp(E[w]·h̄)/Z): it reads 0.999 at random init, so it cannot show learning.
-- Sparsity of the fitted direction A (from the corpus fit): `frequency/effective_dims` = (Σ|A|)²/ΣA².
-  The deletion curve: zero-ablating the fraction ρ of dimensions of the final-norm output with the
-  smallest |A_d| (paper B's order), and the same fraction in a seeded random order (control), gives
-  a mean KL(full ‖ deleted) on the probe positions: the table `frequency/deletion_curve` (ρ = 0.1 …
-  0.9), the keys `frequency/deletion_kl_0.3` and `frequency/deletion_kl_random_0.3`, and
-  `frequency/deletable_frac_0.01` / `_0.1`: the largest ρ (steps of 1/20) in |A| order whose KL stays
-  below 0.01 / 0.1 nats. On ~100M-parameter models the thresholded fractions read 0.0 (deleting 5%
-  already costs ~0.1 nats there); the curve shows how fast KL grows and whether |A| order beats chance.
-  Each deletion extends the previous one, so the logits are updated by the newly deleted dimensions
-  only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats on the demo's snapshots), on a
-  seeded subsample of at most `deletion_positions` (512) of the positions: on the demo's step-300
-  snapshot (1,700 positions) this moves `deletion_kl_0.3` by 2.4% and `deletion_kl_random_0.3` by 2.7%.
+  model has learned the unigram distribution. Departure: paper B's own fit of −log α from E[w] orders
+  the deletion but its R² is not logged. It is close to exact whenever the final hidden states h are
+  concentrated, whatever the weights learned (α_w ≈ exp(E[w]·h̄)/Z): it reads 0.999 at random init, so
+  it cannot show learning.
+- The deletion curve (paper B): zero-ablating the fraction ρ of dimensions of the final-norm output with
+  the smallest |A_α,d|, A_α the fit of −log α from E[w] over every row of E (the paper's order: the
+  direction the model's own predictions use; no corpus counts needed), gives a mean KL(full ‖ deleted)
+  on the probe positions. The same in the order of the corpus fit's |A| (ours, a second curve: how
+  much of what the predictions use is the frequency code) and in `N_PERMUTATIONS` (5) seeded random
+  orders, averaged (control). Table `frequency/deletion_curve` (ρ = 0.1 … 0.9), keys
+  `frequency/deletion_kl_0.3`, `frequency/deletion_kl_corpus_0.3` and `frequency/deletion_kl_random_0.3`,
+  and `frequency/deletable_frac_0.01` / `_0.1`: the largest ρ (steps of 1/20) in the paper's order whose
+  KL stays below 0.01 / 0.1 nats. Each deletion extends the previous one, so the logits are updated by
+  the newly deleted dimensions only (`deletion_kls`; equal to ablating from scratch to ~3e-7 nats on
+  the demo's snapshots), on a seeded subsample of at most `deletion_positions` (512) of the positions:
+  on the demo's step-300 snapshot (1,700 positions) this moved the KL at ρ = 0.3 by 2.4%.
 - Link to outlier dimensions: `frequency/cos_A_mean_h` = cos(A, −mean h) (theory: A ≈ −h̄), and
   `frequency/od_overlap`: the fraction of the top-|A| dimensions (as many as there are ODs) that are
   outlier dimensions, taken from the outliers analysis of the same checkpoint (absent without ODs, or
   when that analysis is not measured). h is the final-norm output at every `position_stride`-th deep
   position (the outliers analysis's positions: more than `skip_positions` tokens of their own document).
-- Convergence: `frequency/direction_cos_prev` (cosine of A with the previous checkpoint's A) beside
-  `frequency/wu_rel_change` = ‖E_t − E_prev‖ / ‖E_t‖. `frequency/converged_step` in the summary is a
-  stability onset, as `outliers/emergence_step`: the first checkpoint from which, at every later one,
-  r2_corpus ≥ `min_r2` (0.5), |r2_corpus − its previous value| ≤ `r2_tolerance` (0.02) and
-  direction_cos_prev ≥ `cos_threshold` (0.95); revised (None) when a later checkpoint breaks it.
-  Offline, with the final checkpoint known: `frequency/dist_to_final` = ‖E_t − E_final‖ / ‖E_final‖,
-  the paper's view ("the encoding settles before the weights do") beside r2_corpus.
+- Convergence, per step so that checkpoints 1 and 1,000 steps apart compare:
+  `frequency/direction_turn_per_step` (the angle between A and the previous checkpoint's A, in
+  degrees, over the steps between them) and `frequency/wu_change_per_step` (‖E_t − E_prev‖ / ‖E_t‖
+  over the steps between them). Both still follow the learning rate: weights move as fast as it lets
+  them. The onset `frequency/converged`: r2_corpus ≥ `min_r2` (0.5) and a turn of at most
+  `max_turn_per_step` (0.2°) per step, at every checkpoint from then on. Offline, with the final
+  checkpoint known: `frequency/dist_to_final` = ‖E_t − E_final‖ / ‖E_final‖, the paper's view ("the
+  encoding settles before the weights do") beside r2_corpus; the report draws that panel offline only.
 - Tables for the report: `frequency/pca` (the first two principal components of up to 500 of the
   fitted tokens' output embeddings, with each token's corpus-frequency rank as a fraction, 0 the most
   frequent) and `frequency/fit` (up to 500 held-out tokens: actual and predicted −log frequency).
 
 Tied embeddings: E is then also the input embedding, so the frequency code is pushed from both
 ends and lives in the inputs too; the fit is the same, on the shared matrix. Which inputs paper B
-averaged α over was not retrievable (spec §7); its KL threshold for "deletable" was not either.
+averaged α over was not retrievable (spec §7); its KL threshold for "deletable" was not either. The
+sparsity of A as (Σ|A|)²/ΣA² is not logged: it depends on the basis (a perfect one-direction code reads
+1 along an axis and ~d/1.6 along a random direction) and read ~85 of 128 at init and after training.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,6 +72,7 @@ if TYPE_CHECKING:
 
 FRACTIONS = [i / 20 for i in range(1, 20)]  # deletion fractions in |A| order
 CURVE = [i / 10 for i in range(1, 10)]  # the logged deletion curve (and its random-order control)
+N_PERMUTATIONS = 5  # random deletion orders averaged
 TABLE_TOKENS = 500
 
 
@@ -124,7 +130,7 @@ def deletion_kls(view: ModelView, h: torch.Tensor, orders: list[tuple[torch.Tens
 class Frequency(Analysis):
     name = "frequency"
     headline = "frequency/r2_corpus"
-    carry = ("prev_A", "prev_W")
+    carry = ("prev_A", "prev_W", "prev_step")
     reads = ("outliers",)
     final_keys = ("frequency/dist_to_final",)
     title = "Frequency in the unembedding"
@@ -133,21 +139,22 @@ class Frequency(Analysis):
                    "Expect the first PC to order tokens by frequency, R² to rise early and settle while the weights "
                    "are still far from their final values, and deletion in |A| order to cost less than a random "
                    "order.")
-    compare_keys = ("frequency/r2_corpus", "frequency/direction_cos_prev")
+    compare_keys = ("frequency/r2_corpus", "frequency/direction_turn_per_step")
 
     def __init__(self, shape: ModelShape, context: AnalysisContext, min_count: int = 10, position_stride: int = 4,
-                 skip_positions: int = 16, min_r2: float = 0.5, r2_tolerance: float = 0.02,
-                 cos_threshold: float = 0.95, deletion_positions: int = 512, seed: int = 0):
+                 skip_positions: int = 16, min_r2: float = 0.5, max_turn_per_step: float = 0.2,
+                 deletion_positions: int = 512, seed: int = 0):
         super().__init__(shape, context)
         self.min_count, self.position_stride, self.skip_positions, self.seed = (min_count, position_stride,
                                                                                  skip_positions, seed)
-        self.min_r2, self.r2_tolerance, self.cos_threshold = min_r2, r2_tolerance, cos_threshold
+        self.min_r2, self.max_turn_per_step = min_r2, max_turn_per_step
         self.deletion_positions = deletion_positions
         self.add_state("prob_sum", torch.zeros(shape.vocab_size, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("n_positions", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.prev_A: torch.Tensor | None = None
         self.prev_W: torch.Tensor | None = None
+        self.prev_step: int | None = None
 
     def hook_names(self) -> list[str]:
         return ["ln_final.hook_normalized", LOGPROBS]
@@ -163,40 +170,43 @@ class Frequency(Analysis):
         W = self.view.output_embeddings.detach().double()
         out: dict[str, float] = {}
         tables: dict[str, Table] = {}
-        carry: dict = {"prev_W": W.float().detach().clone()}
-        if self.prev_W is not None:
-            out["frequency/wu_rel_change"] = ((W.float() - self.prev_W.to(W.device)).norm() / W.float().norm()).item()
+        carry: dict = {"prev_W": W.float().detach().clone(), "prev_step": self.step}
+        interval = None if self.prev_step is None else self.step - self.prev_step
+        if interval:
+            out["frequency/wu_change_per_step"] = ((W.float() - self.prev_W.to(W.device)).norm() / W.float().norm()
+                                                   ).item() / interval
         final = self.context.final_output_embeddings
         if final is not None:
             final = final.to(W.device, torch.float64)
             out["frequency/dist_to_final"] = ((W - final).norm() / final.norm()).item()
+        # paper B's deletion order: the fit of −log α (the model's mean output probability) over every row
+        alpha = (self.prob_sum / self.n_positions).clamp_min(1e-30)[:len(W)]
+        A_alpha = ridge_fit(W, -alpha.log(), seed=self.seed)[0].float()
+        orders = {"alpha": A_alpha}
         counts = self.context.counts
-        if counts is None:
-            return Measurement(out, carry=carry)
-        counts = counts.to(device=W.device, dtype=torch.float64)[:len(W)]
-        tokens = torch.nonzero(counts >= self.min_count).flatten()  # padded rows lie beyond the counts
-        y = -(counts[tokens] / counts.sum()).log()
-        bias = self.view.output_bias
-        target = y if bias is None else y + bias.detach().double()[tokens]
-        A, _, r2, rho, test, pred = ridge_fit(W[tokens], target, seed=self.seed)
-        A32 = A.float()
-        y_out = -(self.prob_sum[tokens] / self.n_positions).clamp_min(1e-30).log()
-        _, _, out["frequency/r2_output"], _, _, _ = ridge_fit(y[:, None], y_out, seed=self.seed)
-        out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A32)
-        tables["frequency/deletion_curve"], deletion = self._deletion(A32)
-        out |= deletion
-        tables |= self._figures(W[tokens], y, test, pred, target[test])
-        return Measurement(out, tables, carry=carry | {"prev_A": A32.detach().clone()},
-                           replicates={"frequency/r2_corpus": resampled_r2(target[test], pred)})
+        replicates = {}
+        if counts is not None:
+            counts = counts.to(device=W.device, dtype=torch.float64)[:len(W)]
+            tokens = torch.nonzero(counts >= self.min_count).flatten()  # padded rows lie beyond the counts
+            y = -(counts[tokens] / counts.sum()).log()
+            bias = self.view.output_bias
+            target = y if bias is None else y + bias.detach().double()[tokens]
+            A, _, r2, rho, test, pred = ridge_fit(W[tokens], target, seed=self.seed)
+            A32 = orders["corpus"] = A.float()
+            _, _, out["frequency/r2_output"], _, _, _ = ridge_fit(y[:, None], -alpha[tokens].log(), seed=self.seed)
+            out |= {"frequency/r2_corpus": r2, "frequency/spearman_corpus": rho} | self._direction(A32, interval)
+            tables |= self._figures(W[tokens], y, test, pred, target[test])
+            carry["prev_A"] = A32.detach().clone()
+            replicates["frequency/r2_corpus"] = resampled_r2(target[test], pred)
+        tables["frequency/deletion_curve"], deletion = self._deletion(orders)
+        return Measurement(out | deletion, tables, carry=carry, replicates=replicates)
 
     def events(self) -> list[Event]:
-        """Encoded: R² of the corpus fit high enough from then on. Converged: also no longer moving, and the
-        direction A no longer turning. Without corpus counts neither is judged."""
+        """Encoded: R² of the corpus fit at least `min_r2` from then on. Converged: also the fitted direction A
+        turning by at most `max_turn_per_step` degrees per step. Without corpus counts neither is judged."""
         def converged(values: dict, previous: dict | None) -> bool:
-            r2, cos = values["frequency/r2_corpus"], values.get("frequency/direction_cos_prev")
-            before = (previous or {}).get("frequency/r2_corpus")
-            return cos is not None and before is not None and r2 >= self.min_r2 \
-                and abs(r2 - before) <= self.r2_tolerance and cos >= self.cos_threshold
+            turn = values.get("frequency/direction_turn_per_step")
+            return turn is not None and values["frequency/r2_corpus"] >= self.min_r2 and turn <= self.max_turn_per_step
 
         tokens = "the held-out tokens of the corpus fit (R²); the fitted direction is the weights' and is not"
         return [Event("frequency/encoded", lambda values, previous: values["frequency/r2_corpus"] >= self.min_r2,
@@ -204,33 +214,42 @@ class Frequency(Analysis):
                 Event("frequency/converged", converged, resampled=tokens, shown="frequency/r2_corpus",
                       threshold=self.min_r2)]
 
-    def _direction(self, A: torch.Tensor) -> dict[str, float]:
+    def _direction(self, A: torch.Tensor, interval: int | None) -> dict[str, float]:
         h = dim_zero_cat(self.h)
-        out = {"frequency/effective_dims": (A.abs().sum() ** 2 / A.pow(2).sum()).item(),
-               "frequency/cos_A_mean_h": torch.cosine_similarity(A, -h.mean(0), dim=0).item()}
+        out = {"frequency/cos_A_mean_h": torch.cosine_similarity(A, -h.mean(0), dim=0).item()}
         if "outliers" in self.peers:
             ods = {dim for _, dim in self.peers["outliers"].tables["outliers/dims"].rows}
             if ods:
                 top = set(A.abs().topk(len(ods)).indices.tolist())
                 out["frequency/od_overlap"] = len(top & ods) / len(ods)
-        if self.prev_A is not None:
-            out["frequency/direction_cos_prev"] = torch.cosine_similarity(A, self.prev_A.to(A.device), dim=0).item()
+        if interval and self.prev_A is not None:
+            cos = torch.cosine_similarity(A, self.prev_A.to(A.device), dim=0).clamp(-1, 1).item()
+            out["frequency/direction_turn_per_step"] = math.degrees(math.acos(cos)) / interval
         return out
 
-    def _deletion(self, A: torch.Tensor) -> tuple[Table, dict[str, float]]:
+    def _deletion(self, orders: dict[str, torch.Tensor]) -> tuple[Table, dict[str, float]]:
+        """KL after deleting the dimensions of smallest |A| first, for the α fit's A (paper B's order) and the
+        corpus fit's, and in `N_PERMUTATIONS` seeded random orders (their mean)."""
         h = dim_zero_cat(self.h)
         if len(h) > self.deletion_positions:  # a seeded subsample: the curve is a mean over positions
             g = torch.Generator().manual_seed(self.seed)
             h = h[torch.randperm(len(h), generator=g)[:self.deletion_positions].to(h.device)]
-        by_A = A.abs().argsort()  # least important first
-        shuffled = torch.randperm(len(A), generator=torch.Generator().manual_seed(self.seed)).to(A.device)
-        kls = deletion_kls(self.view, h, [(by_A, FRACTIONS), (shuffled, CURVE)])
-        kl_by_A, kl_random = dict(zip(FRACTIONS, kls[0], strict=True)), dict(zip(CURVE, kls[1], strict=True))
-        out = {f"frequency/deletable_frac_{tau}": max([f for f, kl in kl_by_A.items() if kl < tau], default=0.0)
+        d = len(orders["alpha"])
+        shuffled = [torch.randperm(d, generator=torch.Generator().manual_seed(self.seed + i)).to(h.device)
+                    for i in range(N_PERMUTATIONS)]
+        kls = deletion_kls(self.view, h, [(A.abs().argsort(), FRACTIONS) for A in orders.values()]
+                           + [(order, CURVE) for order in shuffled])
+        by = {name: dict(zip(FRACTIONS, kl, strict=True)) for name, kl in zip(orders, kls[:len(orders)], strict=True)}
+        random = {f: sum(kl[i] for kl in kls[len(orders):]) / N_PERMUTATIONS for i, f in enumerate(CURVE)}
+        out = {f"frequency/deletable_frac_{tau}": max([f for f, kl in by["alpha"].items() if kl < tau], default=0.0)
                for tau in (0.01, 0.1)}
-        out |= {"frequency/deletion_kl_0.3": kl_by_A[0.3], "frequency/deletion_kl_random_0.3": kl_random[0.3]}
-        curve = Table(["rho", "KL, smallest |A| first", "KL, random order"],
-                      [[f, kl_by_A[f], kl_random[f]] for f in CURVE])
+        out |= {"frequency/deletion_kl_0.3": by["alpha"][0.3], "frequency/deletion_kl_random_0.3": random[0.3]}
+        columns = ["rho", "KL, smallest |A| of −log α first"]
+        if "corpus" in by:
+            out["frequency/deletion_kl_corpus_0.3"] = by["corpus"][0.3]
+            columns.append("KL, smallest |A| of −log f first")
+        curve = Table([*columns, "KL, random order (mean of 5)"],
+                      [[f, *(by[name][f] for name in by), random[f]] for f in CURVE])
         return curve, out
 
     def _figures(self, X: torch.Tensor, y: torch.Tensor, test: torch.Tensor, pred: torch.Tensor,
@@ -280,11 +299,12 @@ class Frequency(Analysis):
             return True
 
         def settles(ax) -> bool:
-            offline = bool(plot.series("frequency/dist_to_final")[0])
-            key, label = (("frequency/dist_to_final", "‖E − E_final‖ / ‖E_final‖") if offline
-                          else ("frequency/wu_rel_change", "‖E − E_prev‖ / ‖E‖"))
+            if not plot.series("frequency/dist_to_final")[0]:  # online, per-interval changes follow the LR
+                return plot.leave_out("“the encoding settles before the weights do”: drawn offline only, against "
+                                      "the final checkpoint (dynascope analyze)")
             drawn = plot.two_scales(ax, {"R² (corpus frequency)": plot.series("frequency/r2_corpus")},
-                                    (label, plot.series(key)), "the encoding settles before the weights do", "R²")
+                                    ("‖E − E_final‖ / ‖E_final‖", plot.series("frequency/dist_to_final")),
+                                    "the encoding settles before the weights do", "R²")
             plot.mark(ax, history.summary.get("frequency/converged_step"), "converged")
             return drawn
 
@@ -292,14 +312,15 @@ class Frequency(Analysis):
             entries = history.table("frequency/deletion_curve")
             if not entries:
                 return False
-            rows = entries[-1]["rows"]
-            ax.plot([r[0] for r in rows], [r[1] for r in rows], marker="o", label="smallest |A| first")
-            ax.plot([r[0] for r in rows], [r[2] for r in rows], marker="s", label="random order")
+            entry = entries[-1]
+            for i, (label, marker) in enumerate(zip(entry["columns"][1:], "os^", strict=False), start=1):
+                ax.plot([r[0] for r in entry["rows"]], [max(r[i], 1e-6) for r in entry["rows"]], marker=marker,
+                        label=label.removeprefix("KL, "))
             ax.set_yscale("log")
             ax.set(xlabel="fraction of dimensions deleted", ylabel="mean KL (nats)")
-            ax.set_title(f"dimension deletion (step {entries[-1]['step']})", fontsize=10)
+            ax.set_title(f"dimension deletion (step {entry['step']})", fontsize=10)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, framealpha=0.7)
             return True
 
         return [fig for fig in [plot.row([pca, fit]), plot.row([settles, deletion])] if fig is not None]

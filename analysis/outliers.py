@@ -22,11 +22,14 @@ The head's predictions (fp32, zero-ablation after the final norm, no renormalisa
 of removed dimensions the logits are z − H[:, S]·E[:, S]ᵀ (E the unembedding [V, d], z the full
 logits). Conditions: `full` (nothing removed; logged at every checkpoint, a baseline before ODs
 emerge; read off the forward pass's own log-probabilities), `ablate` (S = the ODs), `only_od` (S = every
-other dimension: the ODs alone) and `random` (5 random non-OD sets of the ODs' size, fixed seed, averaged,
-on a seeded subsample of at most `control_positions` (512) positions: on the demo's OD checkpoints this
-moves `random_kl` by at most 4% (2.7e-4 against 2.6e-4 at step 2) and `random_acc_drop`, a difference of
-accuracies near 0, by at most 0.002). KL(full ‖ condition) is computed without normalising the ablated
-distribution (Σ p·log p − p·z_S + logsumexp z_S), its entropy only where it is logged. Per condition:
+other dimension: the ODs alone), and the authors' two controls, each over 5 random sets of the ODs' size
+drawn (fixed seed) from the dimensions that are neither ODs nor outlier dimensions of the unembedding
+itself (the same rule on E, medians over the vocabulary: the authors' `rd_out`): `random` (a set ablated)
+and `only_random` (a set kept alone), averaged over the sets, on a seeded subsample of at most
+`control_positions` (512) positions: on the demo's OD checkpoints this moves `random_kl` by at most 4%
+(2.7e-4 against 2.6e-4 at step 2) and `random_acc_drop`, a difference of accuracies near 0, by at most
+0.002. KL(full ‖ condition) is computed without normalising the ablated distribution (Σ p·log p − p·z_S +
+logsumexp z_S), its entropy only where it is logged. Per condition:
 
 - `_kl` (mean KL(full ‖ condition)), `_entropy`, `_n_distinct` (distinct top-1 tokens),
   `acc_drop` (next-token accuracy, full minus condition: `ablate_acc_drop`, `random_acc_drop`);
@@ -37,23 +40,33 @@ distribution (Σ p·log p − p·z_S + logsumexp z_S), its entropy only where it
   token) and `_top10_share` (share of top-1 predictions among the corpus's 10 most frequent tokens:
   near 1 when predictions collapse onto them, as the paper reports for the ODs alone);
 - `outliers/ablate_mean_logfreq_drop`: full minus ablated `_mean_logfreq` (positive when the ODs
-  favour frequent tokens).
+  favour frequent tokens);
+- the baselines of the ODs alone: `outliers/only_random_kl`, `_mean_logfreq`, `_top10_share`;
+- table `outliers/prediction_frequency`: per token (the 1,000 predicted most often), its corpus
+  frequency and its share of top-1 predictions under `full`, ablated and ODs only (paper A's figure).
 
-The frequency keys need the corpus counts; the ablation conditions need ODs.
+The frequency keys need the corpus counts; the ablation conditions need ODs. The only-OD head's top-1
+statistics that describe a distribution of predictions (`only_od_n_distinct`, `_slope`, `_loglog_slope`,
+`_spearman`) need two ODs: from one dimension d the top-1 is the token with the largest or the smallest
+E[w, d], so `n_distinct` ≤ 2 and the slope and rank correlation are undefined by construction. Slopes and
+rank correlations are absent whenever fewer than 3 tokens are predicted.
 
-Parameter diagnostics: `outliers/gain_z_mean` (z-score of the final-norm gain γ at the ODs),
-`outliers/svd_spike_overlap` (ODs among the 3σ spikes of the top 4 left singular vectors of the last
-MLP's output weight) with `outliers/svd_spike_pvalue` (1000 random placements of an OD-sized set).
+Parameter diagnostics (the authors' notebook): `outliers/gain_z_mean` and `outliers/bias_z_mean` (mean
+z-score of the final norm's γ and β at the ODs; β where the norm has one), `outliers/gain_spike_overlap`,
+`outliers/bias_spike_overlap` (ODs among the 3σ spikes of γ, of β) and `outliers/svd_spike_overlap` (ODs
+among the 3σ spikes of the top 15 left singular vectors of the last MLP's down-projection), each with a
+`_pvalue`: the share of 1,000 random placements of an OD-sized set that meet at least as many spikes.
 
-Emergence: `outliers/emergence_step` in the summary is the first checkpoint from which count ≥ 1 has
-held at every later checkpoint so far; it is revised (and the revision printed) when a later
-checkpoint has none.
+Emergence, the onset `outliers/emergence` (`analysis/onsets.py`): score_max > 1 at every checkpoint from
+then on. Guard: `outliers/h_varying_share`, the share of Σ‖h‖² that varies across positions; below
+`min_varying_share` (0.5) the state is near-constant, the rule would find ODs by construction, the OD set
+is left empty and the checkpoint counts as guarded, not as a judgement.
 
 Departures: the paper uses one position per passage (the 100th word) and scores whole words; we use
 next tokens at many deep positions, so accuracies are not comparable with the paper's (spec pitfall
 13). The robust z-score and `_top10_share` are ours (the paper's z-score definition was not
-retrievable; its "collapse onto frequent tokens" is read off plots). Random sets are drawn from the
-non-OD dimensions without also excluding the unembedding's own outlier dimensions.
+retrievable; its "collapse onto frequent tokens" is read off plots). The authors' `ablate_out` /
+`only_out` conditions (the unembedding's outlier dimensions ablated, kept alone) are not measured.
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement, Table
-from dynascope.analysis.figures import RunPlot, time_colors
+from dynascope.analysis.figures import Panel, RunPlot, finite, time_colors
 from dynascope.analysis.onsets import Event, resample_counts, weighted_quantile
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
@@ -74,6 +87,9 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 N_RANDOM = 5
+SINGULAR_VECTORS = 15  # the authors' notebook
+SHAPE_OF_TOP1 = ("n_distinct", "slope", "loglog_slope", "spearman")  # of the only-OD head: need two ODs
+FREQUENCY_TOKENS = 1000  # tokens kept in the `outliers/prediction_frequency` table, the most predicted first
 N_MEDIANS = 32  # sorted medians kept in the `outliers/medians` table
 CANDIDATES = 8  # dimensions whose medians the bootstrap replicates recompute
 
@@ -86,6 +102,29 @@ def outlier_dims(h: torch.Tensor, q: float = 0.99) -> tuple[torch.Tensor, torch.
     med = a.median(dim=0).values
     ods = torch.nonzero(med > T).flatten()
     return ods[med[ods].argsort(descending=True)], med, T
+
+
+def unembedding_outlier_dims(E: torch.Tensor) -> torch.Tensor:
+    """The unembedding's own outlier dimensions (the authors' `rd_out`): the rule on E [V, d], medians over the
+    vocabulary."""
+    return outlier_dims(E.detach())[0]
+
+
+def control_dims(d: int, ods: torch.Tensor, unembedding_ods: torch.Tensor) -> torch.Tensor:
+    """The dimensions random control sets are drawn from: neither ODs nor outlier dimensions of the unembedding."""
+    excluded = torch.zeros(d, dtype=torch.bool)
+    excluded[ods.cpu()] = True
+    excluded[unembedding_ods.cpu()] = True
+    return torch.nonzero(~excluded).flatten()
+
+
+def spike_overlap(values: torch.Tensor, ods: torch.Tensor, placements: torch.Tensor) -> tuple[float, float]:
+    """ODs among the 3σ spikes of `values` ([d], or [d, k]: a spike in any column), and the permutation p-value:
+    the share of random OD-sized `placements` [P, |ODs|] meeting at least as many spikes."""
+    v = values.detach().float().reshape(len(values), -1).cpu()
+    spikes = ((v - v.mean(0)).abs() > 3 * v.std(0)).any(dim=1)
+    overlap = spikes[ods.cpu()].sum().item()
+    return float(overlap), (spikes[placements].sum(-1) >= overlap).double().mean().item()
 
 
 def deep_positions(tokens: torch.Tensor, skip: int, eos_id: int | None, need_next: bool = True,
@@ -191,8 +230,7 @@ def _ablated(view: ModelView, z: torch.Tensor, h: torch.Tensor, W: torch.Tensor,
     removed dimensions' (subtracted from z) or the kept ones'."""
     if 2 * len(S) <= h.shape[1]:
         return z - h[:, S] @ W[:, S].T
-    kept = torch.ones(h.shape[1], dtype=torch.bool, device=h.device)
-    kept[S] = False
+    kept = complement(S, h.shape[1])
     logits = h[:, kept] @ W[:, kept].T
     return logits if view.output_bias is None else logits + view.output_bias.float()
 
@@ -208,15 +246,33 @@ def prediction_stats(sums: dict[str, Any], n: int, counts: torch.Tensor | None) 
         pred = torch.bincount(top1, minlength=len(freq))[:len(freq)].double() / n
         seen = (pred > 0) & (freq > 0)
         f, p = freq[seen], pred[seen]
-        enough = int(seen.sum()) > 2
-        out["spearman"] = spearman(p, f)
-        out["slope"] = (torch.cov(torch.stack([f, p]))[0, 1] / f.var()).item() if enough else float("nan")
-        out["loglog_slope"] = (torch.cov(torch.stack([f.log(), p.log()]))[0, 1] / f.log().var()).item() \
-            if enough else float("nan")
+        if int(seen.sum()) > 2:  # a slope and a rank correlation need three tokens
+            out["spearman"] = spearman(p, f)
+            out["slope"] = (torch.cov(torch.stack([f, p]))[0, 1] / f.var()).item()
+            out["loglog_slope"] = (torch.cov(torch.stack([f.log(), p.log()]))[0, 1] / f.log().var()).item()
         valid = top1 < len(freq)
         out["mean_logfreq"] = freq[top1[valid]].clamp_min(1e-12).log().mean().item()
         out["top10_share"] = torch.isin(top1, freq.topk(min(10, len(freq))).indices).double().mean().item()
     return out
+
+
+def complement(S: torch.Tensor, d: int) -> torch.Tensor:
+    """The dimensions of 0 … d − 1 not in S."""
+    kept = torch.ones(d, dtype=torch.bool, device=S.device)
+    kept[S] = False
+    return torch.nonzero(kept).flatten()
+
+
+def prediction_frequency(top1: dict[str, torch.Tensor], counts: torch.Tensor) -> Table:
+    """How often each token is the top-1 prediction under each condition ({label: top-1 tokens}), beside its
+    corpus frequency: the `FREQUENCY_TOKENS` tokens predicted most often over all conditions, seen in the corpus."""
+    V = len(counts)
+    freq = counts.double() / counts.sum()
+    preds = torch.stack([torch.bincount(t[t < V], minlength=V)[:V].double() / len(t) for t in top1.values()])
+    ids = torch.nonzero((preds.sum(0) > 0) & (freq > 0)).flatten()
+    ids = ids[preds[:, ids].sum(0).argsort(descending=True)[:FREQUENCY_TOKENS]]
+    rows = torch.cat([ids[:, None].double(), freq[ids, None], preds[:, ids].T], 1).tolist()
+    return Table(["token", "corpus frequency", *top1], [[int(r[0]), *r[1:]] for r in rows])
 
 
 class Outliers(Analysis):
@@ -273,11 +329,12 @@ class Outliers(Analysis):
         if self.prev_ods is not None:
             union = set(self.prev_ods) | set(od_list)
             out["outliers/jaccard_prev"] = len(set(self.prev_ods) & set(od_list)) / len(union) if union else 1.0
-        out |= self._predictions(h, gold, ods, d)
+        predictions, tables = self._predictions(h, gold, ods, d)
+        out |= predictions
         if len(ods):
             out |= self._parameter_diagnostics(ods, d)
         top = (med / T).topk(min(N_MEDIANS, d))
-        tables = {"outliers/dims": Table(["rank", "dimension"], [[i, dim] for i, dim in enumerate(od_list)]),
+        tables |= {"outliers/dims": Table(["rank", "dimension"], [[i, dim] for i, dim in enumerate(od_list)]),
                   "outliers/medians": Table(["rank", "dimension", "median / threshold"],
                                             [[i, dim, v] for i, (dim, v) in
                                              enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))])}
@@ -291,61 +348,82 @@ class Outliers(Analysis):
                                 "T itself, and the varying share of the last-layer state",
                       shown="outliers/score_max", threshold=1.0)]
 
-    def _predictions(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor, d: int) -> dict[str, float]:
-        """The full head, and with ODs the ablated conditions (the random controls on a seeded subsample of
-        at most `control_positions` positions: they only need a mean KL and accuracy)."""
+    def _predictions(self, h: torch.Tensor, gold: torch.Tensor, ods: torch.Tensor,
+                     d: int) -> tuple[dict[str, float], dict[str, Table]]:
+        """The full head, and with ODs the ablated conditions, their random controls and the table of how often
+        each token is predicted under each."""
         counts = self.context.counts
         counts = None if counts is None else counts.to(h.device)
         full = {"kl": 0.0, "entropy": self.entropy_sum.item(), "correct": self.correct.item(),
                 "top1": dim_zero_cat(self.top1)}
         stats = {"full": prediction_stats(full, len(h), counts)}
+        out: dict[str, float] = {}
+        tables: dict[str, Table] = {}
         if len(ods):
-            others = np.setdiff1d(np.arange(d), ods.cpu().numpy())
-            rng = np.random.default_rng(self.seed)
-            conditions = {"ablate": ods, "only_od": torch.as_tensor(others, device=h.device)}
+            conditions = {"ablate": ods, "only_od": complement(ods, d)}  # the dimensions each removes
             sums = ablation_metrics(self.view, h, gold, conditions, entropy=set(conditions))
             stats |= {name: prediction_stats(acc, len(h), counts) for name, acc in sums.items()}
-            out = self._random_controls(h, gold, others, len(ods), rng)
-        else:
-            out = {}
-        full = stats["full"]
+            eligible = control_dims(d, ods, unembedding_outlier_dims(self.view.output_embeddings))
+            out = self._random_controls(h, gold, eligible.numpy(), len(ods), counts)
+            if counts is not None:
+                tables["outliers/prediction_frequency"] = prediction_frequency(
+                    {"full": full["top1"], "ODs ablated": sums["ablate"]["top1"],
+                     "ODs only": sums["only_od"]["top1"]}, counts)
         for name, m in stats.items():
             for key in ("kl", "entropy", "n_distinct", "spearman", "slope", "loglog_slope", "mean_logfreq",
                         "top10_share"):
-                if key in m and not (name == "full" and key == "kl"):
+                if key in m and not (name == "full" and key == "kl") \
+                        and not (name == "only_od" and len(ods) < 2 and key in SHAPE_OF_TOP1):
                     out[f"outliers/{name}_{key}"] = m[key]
             if name == "ablate":
-                out[f"outliers/{name}_acc_drop"] = full["acc"] - m["acc"]
-        if "ablate" in stats and "mean_logfreq" in full:
-            out["outliers/ablate_mean_logfreq_drop"] = full["mean_logfreq"] - stats["ablate"]["mean_logfreq"]
-        return out
+                out[f"outliers/{name}_acc_drop"] = stats["full"]["acc"] - m["acc"]
+        if "ablate" in stats and "mean_logfreq" in stats["full"]:
+            out["outliers/ablate_mean_logfreq_drop"] = stats["full"]["mean_logfreq"] - stats["ablate"]["mean_logfreq"]
+        return out, tables
 
-    def _random_controls(self, h: torch.Tensor, gold: torch.Tensor, others: np.ndarray, size: int,
-                         rng: np.random.Generator) -> dict[str, float]:
-        """The ablation of `N_RANDOM` random non-OD sets of the ODs' size, on a seeded subsample of at most
-        `control_positions` positions: their mean KL, and the accuracy they cost there."""
+    def _random_controls(self, h: torch.Tensor, gold: torch.Tensor, eligible: np.ndarray, size: int,
+                         counts: torch.Tensor | None) -> dict[str, float]:
+        """`N_RANDOM` random sets of the ODs' size, drawn from the `eligible` dimensions, each ablated and each
+        kept alone, on a seeded subsample of at most `control_positions` positions: the mean KL and accuracy cost
+        of the ablations, and the mean KL and frequency statistics of the heads kept to one set."""
         sample = torch.randperm(len(h), generator=torch.Generator().manual_seed(self.seed))
         sample = sample[:self.control_positions].to(h.device)
-        sets = {f"random{i}": torch.as_tensor(rng.choice(others, size=min(size, len(others)), replace=False),
-                                              device=h.device) for i in range(N_RANDOM)}
-        sums = ablation_metrics(self.view, h[sample], gold[sample], sets)
+        rng = np.random.default_rng(self.seed)
+        sets = [torch.as_tensor(rng.choice(eligible, size=min(size, len(eligible)), replace=False), device=h.device)
+                for _ in range(N_RANDOM)]
+        d = h.shape[1]
+        removed = {f"ablate{i}": S for i, S in enumerate(sets)} | {f"only{i}": complement(S, d)
+                                                                    for i, S in enumerate(sets)}
+        sums = ablation_metrics(self.view, h[sample], gold[sample], removed)
+        n = len(sample)
         full_acc = (dim_zero_cat(self.top1)[sample] == gold[sample]).double().mean().item()
-        return {"outliers/random_kl": float(np.mean([acc["kl"] for acc in sums.values()])) / len(sample),
-                "outliers/random_acc_drop": full_acc - float(np.mean([acc["correct"] for acc in sums.values()]))
-                / len(sample)}
+        ablated = [sums[f"ablate{i}"] for i in range(N_RANDOM)]
+        kept = [prediction_stats(sums[f"only{i}"], n, counts) for i in range(N_RANDOM)]
+        out = {"outliers/random_kl": float(np.mean([a["kl"] for a in ablated])) / n,
+               "outliers/random_acc_drop": full_acc - float(np.mean([a["correct"] for a in ablated])) / n,
+               "outliers/only_random_kl": float(np.mean([k["kl"] for k in kept]))}
+        if counts is not None:
+            out |= {f"outliers/only_random_{key}": float(np.mean([k[key] for k in kept]))
+                    for key in ("mean_logfreq", "top10_share")}
+        return out
 
     def _parameter_diagnostics(self, ods: torch.Tensor, d: int) -> dict[str, float]:
-        gain = self.view.final_norm_gain().detach().float()
-        out = {"outliers/gain_z_mean": ((gain[ods] - gain.mean()) / gain.std()).mean().item()}
-        w_down = self.view.mlp_values(self.shape.n_layers - 1).detach().float().T  # [d, d_mlp]
-        U = torch.linalg.svd(w_down, full_matrices=False).U[:, :4]  # top left singular vectors
-        spikes = ((U - U.mean(0)).abs() > 3 * U.std(0)).any(dim=1)  # [d]
-        overlap = spikes[ods].sum().item()
+        """The final norm's γ and β (z-scores at the ODs, and ODs among their 3σ spikes) and the last MLP's
+        down-projection (ODs among the spikes of its top left singular vectors), each with the p-value of 1,000
+        random OD-sized placements."""
         g = torch.Generator().manual_seed(self.seed)
         placements = torch.stack([torch.randperm(d, generator=g)[:len(ods)] for _ in range(1000)])
-        random_overlap = spikes.cpu()[placements].sum(-1)  # random OD-sized sets against the spikes
-        out["outliers/svd_spike_overlap"] = float(overlap)
-        out["outliers/svd_spike_pvalue"] = (random_overlap >= overlap).double().mean().item()
+        out: dict[str, float] = {}
+        for name, values in (("gain", self.view.final_norm_gain()), ("bias", self.view.final_norm_bias())):
+            if values is not None:
+                values = values.detach().float()
+                out[f"outliers/{name}_z_mean"] = ((values[ods] - values.mean()) / values.std().clamp_min(1e-12)
+                                                  ).mean().item()
+                out[f"outliers/{name}_spike_overlap"], out[f"outliers/{name}_spike_pvalue"] = spike_overlap(
+                    values, ods, placements)
+        w_down = self.view.mlp_values(self.shape.n_layers - 1).detach().float().T  # [d, d_mlp]
+        U = torch.linalg.svd(w_down, full_matrices=False).U[:, :SINGULAR_VECTORS]
+        out["outliers/svd_spike_overlap"], out["outliers/svd_spike_pvalue"] = spike_overlap(U, ods, placements)
         return out
 
     @classmethod
@@ -384,4 +462,35 @@ class Outliers(Analysis):
             kl = {"ODs ablated": "outliers/ablate_kl", "random dims ablated": "outliers/random_kl"}
             return plot.curves(ax, kl, "KL(full ‖ ablated): ODs vs random dimensions", "nats")
 
-        return [fig for fig in [plot.row([medians, count, ablation])] if fig is not None]
+        rows = [plot.row([medians, count, ablation])]
+        entries = history.table("outliers/prediction_frequency")
+        if entries:  # paper A's headline figure: the ODs carry the frequent tokens
+            rows.append(plot.row([prediction_panel(plot, entries, column, condition) for column, condition in
+                                  (("full", "full"), ("ODs ablated", "ablate"), ("ODs only", "only_od"))]))
+        else:
+            plot.leave_out("predictions vs corpus frequency with the ODs ablated and alone: no checkpoint had an OD")
+        return [fig for fig in rows if fig is not None]
+
+
+def prediction_panel(plot: RunPlot, entries: list[dict], column: str, condition: str) -> Panel:
+    """Paper A's headline panel for one condition: each token's share of top-1 predictions against its corpus
+    frequency (log-log), at up to three checkpoints with ODs, with the authors' raw-frequency slope."""
+    def panel(ax) -> bool:
+        picks = [entries[round(i * (len(entries) - 1) / 2)] for i in range(3)] if len(entries) > 3 else entries
+        for color, entry in zip(time_colors(len(picks)), picks, strict=True):
+            j = entry["columns"].index(column)
+            points = [(row[1], row[j]) for row in entry["rows"] if row[j] > 0]
+            row = plot.history.row_at(entry["step"]) or {}
+            slope = row.get(f"outliers/{condition}_slope")
+            why = "one OD" if row.get("outliers/count") == 1 else "fewer than 3 tokens predicted"
+            ax.scatter(*zip(*points, strict=True), s=8, alpha=0.6, color=color,
+                       label=f"step {entry['step']}: slope {slope:.2f}" if finite(slope)
+                       else f"step {entry['step']}: slope — ({why})")
+        lo = min(row[1] for entry in picks for row in entry["rows"])
+        ax.plot([lo, 1], [lo, 1], color="gray", linewidth=0.5, linestyle=":")
+        ax.set(xscale="log", yscale="log", xlabel="corpus frequency", ylabel="share of top-1 predictions")
+        ax.set_title(f"{column}: predictions vs corpus frequency", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, framealpha=0.7)
+        return True
+    return panel

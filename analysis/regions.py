@@ -10,10 +10,12 @@ d̃ = d / d(1); sharpness S = max_k (d̃_{k+1} − d̃_k)·(N − 1): 1 for a st
 
 Keys, per write layer w (`/L{w}`) and, without the suffix, for the first write layer:
 `regions/sharpness_median`, `regions/sharpness_p25`, `regions/sharpness_p75` (over kept pairs),
-`regions/jumps_mean` (steps with Δd̃ > 0.2: a proxy for the number of regions crossed),
 `regions/kl_mid` (mean KL(p(α=0) ‖ p(α=½)) of the output distributions), `regions/dropped_pairs`,
 and for ReLU models `regions/relu_flips_mean` (units of the last MLP whose on/off state at the last
-position differs from α=0 somewhere along the path; compare with `jumps_mean`). The table
+position differs between the two ends of the path, α = 0 and α = 1: the authors' `mlp_a_on !=
+mlp_b_on`) and `regions/relu_flips_path_mean` (units whose state differs from α = 0 anywhere along
+the path: also those that turn off and on again on the way). A count of the α steps where d̃ rises by
+more than 0.2 (regions crossed) is not logged: it read ≈ 0 at init and after training on the demo. The table
 `regions/median_curve` holds, per write layer, the median curve d̃(α) and its interquartile band.
 
 Prompts are 10-token chunks of the probe windows, which sit at independent random offsets of the
@@ -42,7 +44,7 @@ import torch
 from torchmetrics.utilities import dim_zero_cat
 
 from dynascope.analysis.base import Analysis, AnalysisContext, Measurement, Table
-from dynascope.analysis.figures import RunPlot, changes, layer_color, time_colors
+from dynascope.analysis.figures import RunPlot, layer_color, time_colors
 from dynascope.analysis.onsets import Event, resample_counts, weighted_quantile
 from dynascope.analysis.view import Cache, ModelShape
 from dynascope.core.errors import DynascopeError
@@ -50,7 +52,6 @@ from dynascope.core.errors import DynascopeError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-JUMP = 0.2
 MIN_D1 = 0.01
 
 
@@ -75,7 +76,7 @@ class Regions(Analysis):
         self.n_alpha, self.prompt_length, self.pairs_per_window, self.chunk = (n_alpha, prompt_length,
                                                                                 pairs_per_window, chunk)
         for w in self.write_layers:
-            for state in ("sharpness", "jumps", "kl_mid", "flips", "curves", "windows"):
+            for state in ("sharpness", "kl_mid", "flips", "path_flips", "curves", "windows"):
                 self.add_state(f"{state}_L{w}", default=[], dist_reduce_fx="cat")
             self.add_state(f"dropped_L{w}", torch.tensor(0), dist_reduce_fx="sum")
 
@@ -123,14 +124,14 @@ class Regions(Analysis):
             steps = dn.diff(dim=1)
             getattr(self, f"sharpness_L{w}").append(steps.amax(dim=1) * (self.n_alpha - 1))
             getattr(self, f"windows_L{w}").append(windows.repeat(self.pairs_per_window)[keep])  # each pair's A
-            getattr(self, f"jumps_L{w}").append((steps > JUMP).sum(dim=1).float())
             getattr(self, f"curves_L{w}").append(dn)
             lp = torch.cat(lps)[keep]
             mid = (self.n_alpha - 1) // 2
             getattr(self, f"kl_mid_L{w}").append((lp[:, 0].exp() * (lp[:, 0] - lp[:, mid])).sum(-1))
             if extra:
-                on = torch.cat(pres)[keep]
-                getattr(self, f"flips_L{w}").append((on != on[:, :1]).any(dim=1).sum(-1).float())
+                on = torch.cat(pres)[keep]  # [P, N, units]
+                getattr(self, f"flips_L{w}").append((on[:, -1] != on[:, 0]).sum(-1).float())
+                getattr(self, f"path_flips_L{w}").append((on != on[:, :1]).any(dim=1).sum(-1).float())
 
     def _cat(self, state: str, w: int) -> torch.Tensor:
         values = getattr(self, f"{state}_L{w}")
@@ -142,10 +143,11 @@ class Regions(Analysis):
             s = self._cat("sharpness", w)
             q = s.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=s.dtype)).tolist() if len(s) else [float("nan")] * 3
             layer = {"sharpness_p25": q[0], "sharpness_median": q[1], "sharpness_p75": q[2],
-                     "jumps_mean": self._cat("jumps", w).mean().item(), "kl_mid": self._cat("kl_mid", w).mean().item(),
+                     "kl_mid": self._cat("kl_mid", w).mean().item(),
                      "dropped_pairs": float(getattr(self, f"dropped_L{w}"))}
             if self.shape.is_relu:
                 layer["relu_flips_mean"] = self._cat("flips", w).mean().item()
+                layer["relu_flips_path_mean"] = self._cat("path_flips", w).mean().item()
             out |= {f"regions/{k}/L{w}": v for k, v in layer.items()}
             if i == 0:
                 out |= {f"regions/{k}": v for k, v in layer.items()}
@@ -202,8 +204,9 @@ class Regions(Analysis):
 
         def sharpness(ax) -> bool:
             layers = plot.layered("regions/sharpness_median")  # per write layer
-            if not any(changes(ys) for _, ys in layers.values()):
-                return False
+            reason = plot.empty("boundary sharpness S", list(layers.values()))
+            if reason:
+                return plot.leave_out(reason)
             for l, (xs, ys) in layers.items():
                 color = layer_color(l, plot.n_layers)
                 ax.plot(xs, ys, marker="o", markersize=3, color=color, label=f"write layer {l}")

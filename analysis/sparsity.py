@@ -24,23 +24,27 @@ are enough; a judgement then covers every training token since the previous judg
 at each judgement:
 - `sparsity/dead_frac/L{l}`, `sparsity/dead_count/L{l}`: units active on none of the judged tokens;
   `sparsity/dead_window_tokens`: how many tokens were judged.
-- `sparsity/dead_since_init/L{l}`: dead at the first judgement and at every one since.
+- `sparsity/never_fired/L{l}`: dead at every judgement so far. The judgements tile the training
+  stream from step 0 (the first covers every training token before it), so these are the units that
+  have fired on no training token since initialisation; with `dead_source: probe`, on the probe set at
+  every judgement.
 - `sparsity/turned_off/L{l}`, `sparsity/revived/L{l}`: alive at the previous judgement and dead now,
   and the reverse (counts).
-- `sparsity/dead_expected_chance/L{l}`: Σ_f (1 − p_f)^N over the units alive at the previous
-  judgement, with p_f their firing frequency then and N the tokens judged now: how many of them would
-  miss N fresh tokens if they fired independently as before. Far fewer than `turned_off` means the
-  units were turned off, not missed by chance (a fixed probe set cannot support this null: it shows
-  the same tokens every time; the training stream shows new ones).
+- `sparsity/dead_fire_on_probe/L{l}` (training source): dead units that fire on at least one probe
+  token with this checkpoint's weights: units the training stream missed by chance (rare firers), or
+  that the weights at the checkpoint revived; dead for good when it reads 0. (An earlier chance null,
+  Σ(1 − p_f)^N over the previously alive units, read ≤ 3e-58 at every judgement of the demo: a unit
+  that fired at a rate above 1/N before cannot miss N tokens by chance, so it could not say anything.)
 - `sparsity/sleeping_frac/L{l}`: dead units whose maximum pre-activation is within `sleep_margin`
-  (default 0.1) of zero, told apart from units far below; `sparsity/dead_margin_median/L{l}`.
+  (default 0.1) of zero, told apart from units far below; `sparsity/dead_margin_median/L{l}`. Both are
+  absent for a layer without dead units.
 - Training source only, for the paper's check that death follows training dynamics rather than
   outlier updates: `sparsity/interval_grad_norm_max` (largest gradient norm before clipping) and
   `sparsity/interval_loss_jump_max` (largest one-step rise of the training loss) over the judged
   interval, to set against `turned_off` (the report draws them together).
 
 Departures: the paper's exact percentiles and its test of "training-driven" death were not
-retrievable; the percentiles, the chance null and the spike check are ours (spec §1.3). With the
+retrievable; the percentiles, the probe check of dead units and the spike check are ours (spec §1.3). With the
 tiny presets a run sees fewer than 2^20 training tokens, so they judge every 2^17 (stated in the
 presets).
 """
@@ -68,8 +72,9 @@ PERCENTILES = (5, 25, 50, 75, 95)
 class Sparsity(Analysis):
     name = "sparsity"
     headline = "sparsity/batch_usage/L0"  # the overview draws every layer of this metric
-    carry = ("pending", "prev_alive", "prev_freq", "init_dead")
-    training_keys = tuple(f"sparsity/{k}" for k in ("dead_", "turned_off", "revived", "sleeping_frac", "interval_"))
+    carry = ("pending", "prev_alive", "never_fired")
+    training_keys = tuple(f"sparsity/{k}" for k in (
+        "dead_", "turned_off", "revived", "never_fired", "sleeping_frac", "interval_"))
     title = "ReLU sparsity and neuron death"
     paper = "Wild & Anderson 2024"
     expectation = ("Units active at least once in a fixed token window, per layer, and units that stop firing on the "
@@ -104,8 +109,7 @@ class Sparsity(Analysis):
         self._last_loss: float | None = None  # this rank's previous training loss
         self.pending: dict | None = None  # training stream not judged yet (too few tokens)
         self.prev_alive: torch.Tensor | None = None
-        self.prev_freq: torch.Tensor | None = None
-        self.init_dead: torch.Tensor | None = None
+        self.never_fired: torch.Tensor | None = None
 
     def hook_names(self) -> list[str]:
         return [f"blocks.{l}.mlp.hook_pre" for l in range(self.shape.n_layers)]
@@ -196,27 +200,27 @@ class Sparsity(Analysis):
     def _judge(self, stream: dict) -> tuple[dict[str, float], dict]:
         alive, n = stream["fired"], stream["tokens"]
         dead = ~alive
-        freq = stream["counts"].double() / n
         prev_alive = None if self.prev_alive is None else self.prev_alive.to(alive.device)
-        init_dead = dead.clone() if self.init_dead is None else self.init_dead.to(dead.device) & dead
+        never = dead.clone() if self.never_fired is None else self.never_fired.to(dead.device) & dead
+        on_probe = dead & (self.counts > 0) if self.dead_source == "training" else None
         out: dict[str, float] = {"sparsity/dead_window_tokens": float(n)}
-        if self.prev_freq is not None:
-            expected = ((1 - self.prev_freq.to(freq.device)) ** n * prev_alive).sum(-1)
         for l in range(self.shape.n_layers):
-            margins = stream["zmax"][l][dead[l]]
             per = {"dead_frac": dead[l].float().mean().item(), "dead_count": float(dead[l].sum()),
-                   "dead_since_init": float(init_dead[l].sum()),
-                   "sleeping_frac": (margins > -self.sleep_margin).float().mean().item() if len(margins) else 0.0,
-                   "dead_margin_median": margins.median().item() if len(margins) else float("nan")}
+                   "never_fired": float(never[l].sum())}
+            margins = stream["zmax"][l][dead[l]]
+            if len(margins):
+                per |= {"sleeping_frac": (margins > -self.sleep_margin).float().mean().item(),
+                        "dead_margin_median": margins.median().item()}
+            if on_probe is not None:
+                per["dead_fire_on_probe"] = float(on_probe[l].sum())
             if prev_alive is not None:
                 per |= {"turned_off": float((prev_alive[l] & dead[l]).sum()),
-                        "revived": float((~prev_alive[l] & alive[l]).sum()),
-                        "dead_expected_chance": expected[l].item()}
+                        "revived": float((~prev_alive[l] & alive[l]).sum())}
             out |= {f"sparsity/{k}/L{l}": v for k, v in per.items()}
         if "grad_norm_max" in stream:  # -inf: no step (or no second step) in the interval
             out |= {f"sparsity/interval_{k}": stream[k] if math.isfinite(stream[k]) else math.nan
                     for k in ("grad_norm_max", "loss_jump_max")}
-        return out, {"prev_alive": alive.clone(), "prev_freq": freq.clone(), "init_dead": init_dead}
+        return out, {"prev_alive": alive.clone(), "never_fired": never}
 
     @classmethod
     def figures(cls, plot: RunPlot) -> list[Figure]:
@@ -231,14 +235,14 @@ class Sparsity(Analysis):
 
         def turning(ax) -> bool:
             totals = {}
-            for kind in ("turned_off", "revived", "dead_expected_chance"):
+            for kind, label in (("turned_off", "turned off"), ("revived", "revived"),
+                                ("dead_fire_on_probe", "dead, firing on the probe")):
                 layers = plot.layered(f"sparsity/{kind}")
                 if layers:
                     xs = next(iter(layers.values()))[0]
-                    totals[kind.replace("_", " ")] = (xs, [sum(layers[l][1][i] for l in layers)
-                                                           for i in range(len(xs))])
-            if not any(changes(ys) for _, ys in totals.values()):
-                return False  # nothing turned off or revived: the grad-norm spikes alone say nothing
+                    totals[label] = (xs, [sum(layers[l][1][i] for l in layers) for i in range(len(xs))])
+            if not any(changes(ys) for _, ys in totals.values()):  # the grad-norm spikes alone say nothing
+                return plot.leave_out("“units turned off and revived”: none turned off or revived")
             return plot.two_scales(ax, totals, ("max grad norm in the interval",
                                                 plot.series("sparsity/interval_grad_norm_max")),
                                    "units turned off and revived (all layers) against gradient spikes", "units")

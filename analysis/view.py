@@ -96,6 +96,10 @@ class ModelView:
         """The final norm's elementwise gain γ [d]."""
         raise NotImplementedError
 
+    def final_norm_bias(self) -> torch.Tensor | None:
+        """The final norm's bias β [d], if it has one (RMSNorm has none)."""
+        return None
+
     def mlp_in(self, layer: int) -> torch.Tensor:
         """Input weights [d_mlp, d] (rows read the residual stream)."""
         raise NotImplementedError
@@ -215,6 +219,9 @@ class TransformerView(ModelView):
     def final_norm_gain(self) -> torch.Tensor:
         return self.model.ln_final.weight
 
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return self.model.ln_final.bias
+
     def mlp_in(self, layer: int) -> torch.Tensor:
         mlp = self.model.blocks[layer].mlp
         return (mlp.fc_gate or mlp.fc_in).weight
@@ -317,6 +324,9 @@ class HFModelView(ModelView):
 
     def final_norm_gain(self) -> torch.Tensor:
         return self._norm.weight
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return getattr(self._norm, "bias", None)
 
     def _weight(self, layer: int, name: str) -> torch.Tensor:
         w = self._blocks[layer].get_submodule(name).weight

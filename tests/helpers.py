@@ -60,8 +60,9 @@ class FakeView(ModelView):
     def __init__(self, model: nn.Module, points: dict[str, nn.Module], unembedding: torch.Tensor, n_layers: int = 1,
                  d_mlp: int | None = None, context_length: int = 64, activation: str = "relu",
                  values: torch.Tensor | None = None, gain: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None):
         self.model, self.E, self.values, self.gain, self.bias = model, unembedding, values, gain, bias
+        self.norm_bias = norm_bias
         V, d = unembedding.shape
         self.shape = ModelShape(n_layers, d, d_mlp or d, V, context_length, activation)
         self.points = {name: (module, "out") for name, module in points.items()}
@@ -82,6 +83,9 @@ class FakeView(ModelView):
 
     def final_norm_gain(self) -> torch.Tensor:
         return self.gain if self.gain is not None else torch.ones(self.shape.d_model)
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return self.norm_bias
 
     def mlp_values(self, layer: int) -> torch.Tensor:
         return self.values if self.values is not None else torch.zeros(self.shape.d_mlp, self.shape.d_model)

@@ -6,7 +6,7 @@ from torch import nn
 from dynascope.analysis import build
 from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.measure import measure
-from dynascope.analysis.outliers import outlier_dims, robust_z, spearman
+from dynascope.analysis.outliers import control_dims, outlier_dims, robust_z, spearman, unembedding_outlier_dims
 from dynascope.core.model import HookPoint
 from dynascope.core.probe import shard
 
@@ -187,3 +187,50 @@ def test_spearman_gives_ties_their_average_rank():
     # ranks of x with the tie averaged: 1.5, 1.5, 3, 4; Pearson against 1, 2, 3, 4 = 4.5 / sqrt(4.5 · 5)
     assert spearman(torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])) == pytest.approx(
         4.5 / (4.5 * 5) ** 0.5)
+
+
+def test_the_only_random_control_keeps_random_dimensions_that_are_not_unembedding_outliers():
+    v, context = frequent_view()
+    v.E[:, 100] += 3.0  # an outlier dimension of the unembedding itself: never a random control dimension
+    (a,) = build("outliers", v.shape, context)
+    out = measure(v, [a], windows(), step=0).values
+    assert out["outliers/only_od_top10_share"] == 1.0
+    assert out["outliers/only_random_top10_share"] < 0.6  # two random dimensions do not collapse onto them
+    assert out["outliers/only_random_kl"] > 10 * out["outliers/random_kl"]  # keeping 2 of 512 loses a lot
+    assert unembedding_outlier_dims(v.E).tolist() == [100]
+    eligible = control_dims(512, torch.tensor([7, 40]), unembedding_outlier_dims(v.E))
+    assert len(eligible) == 509 and not {7, 40, 100} & set(eligible.tolist())
+
+
+def test_the_only_od_top1_statistics_need_two_ods():
+    v = planted_view(offsets={3: 8.0})
+    (a,) = build("outliers", v.shape, AnalysisContext(counts=torch.arange(40, 0, -1) ** 2))
+    out = measure(v, [a], windows(), step=0).values
+    assert out["outliers/count"] == 1 and out["outliers/only_od_kl"] > 0  # what one OD carries is still measured
+    # one dimension's top-1 is the token with the largest or the smallest E[w, d]: 1 or 2 distinct tokens
+    assert not {f"outliers/only_od_{k}" for k in ("n_distinct", "slope", "loglog_slope", "spearman")} & set(out)
+    assert "outliers/only_od_top10_share" in out and "outliers/ablate_n_distinct" in out
+
+
+def test_gain_bias_and_down_projection_spikes_at_the_ods_are_found():
+    d, f = 512, 1024
+    v = planted_view(offsets={7: 6.0, 40: -8.0})
+    v.gain = torch.ones(d)
+    v.gain[7] = 3.0  # a γ spike at one OD
+    v.norm_bias = torch.zeros(d)
+    v.norm_bias[[7, 40]] = torch.tensor([2.0, -2.0])  # β spikes at both
+    # W_down = Σ_k s_k e_{i_k} v_kᵀ: its k-th left singular vector is one-hot at i_k, a 3σ spike there
+    order = torch.randperm(d, generator=torch.Generator().manual_seed(1))
+    order = order[(order != 7) & (order != 40)]
+    order = torch.cat([order[:9], torch.tensor([7]), order[9:11], torch.tensor([40]), order[11:]])  # 10th, 13th
+    right = torch.linalg.qr(torch.randn(f, 20, generator=torch.Generator().manual_seed(2))).Q  # [f, 20]
+    w_down = torch.zeros(d, f)
+    for k in range(20):
+        w_down[order[k]] = (20 - k) * right[:, k]
+    v.values = w_down.T
+    (a,) = build("outliers", v.shape)
+    out = measure(v, [a], windows(), step=0).values
+    assert out["outliers/gain_spike_overlap"] == 1 and out["outliers/bias_spike_overlap"] == 2
+    assert out["outliers/bias_spike_pvalue"] < 0.01 and out["outliers/bias_z_mean"] == pytest.approx(0.0, abs=0.01)
+    assert out["outliers/svd_spike_overlap"] == 2  # among the top 15 singular vectors (the top 4 hold neither)
+    assert out["outliers/svd_spike_pvalue"] < 0.01

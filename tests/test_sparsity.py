@@ -45,6 +45,15 @@ def test_usage_and_density_on_planted_firing():
     # death judged over the whole probe set (12 tokens, enough here)
     assert out["sparsity/dead_count/L0"] == 7 and out["sparsity/dead_window_tokens"] == 12
     assert out["sparsity/sleeping_frac/L0"] == 0 and out["sparsity/dead_margin_median/L0"] == -1
+    assert "sparsity/dead_fire_on_probe/L0" not in out  # judged on the probe set itself: it would read 0
+
+
+def test_a_layer_without_dead_units_has_no_dead_unit_statistics():
+    v = one_hot_view()
+    (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_source": "probe", "dead_min_tokens": 12}})
+    out = measure(v, [a], torch.arange(12)[None], step=0).values  # every unit fires once
+    assert out["sparsity/dead_count/L0"] == 0
+    assert not {"sparsity/sleeping_frac/L0", "sparsity/dead_margin_median/L0"} & set(out)
 
 
 def test_batch_usage_is_a_fixed_token_window_whatever_the_context_length():
@@ -60,7 +69,7 @@ def test_death_is_judged_on_the_training_stream_over_enough_tokens():
     v = one_hot_view()
     (a,) = build("sparsity", v.shape, options={"sparsity": {"dead_min_tokens": 100}})
     assert a.training_hook_names() == ["blocks.0.mlp.hook_pre"]
-    probe = torch.tensor([[3, 3]])
+    probe = torch.tensor([[2, 3]])
     a.observe_training("blocks.0.mlp.hook_pre", fire([0, 1] * 30))
     first = measure(v, [a], probe, step=1).values
     assert "sparsity/dead_count/L0" not in first  # 60 training tokens are too few to judge
@@ -68,14 +77,14 @@ def test_death_is_judged_on_the_training_stream_over_enough_tokens():
     second = measure(v, [a], probe, step=2).values  # 120 tokens since the start: units 0, 1, 2 fired
     assert second["sparsity/dead_count/L0"] == 9 and second["sparsity/dead_window_tokens"] == 120
     assert "sparsity/turned_off/L0" not in second  # the first judgement
+    assert second["sparsity/dead_fire_on_probe/L0"] == 1  # unit 3: dead on training tokens, fires on the probe
     for loss, grad_norm in ((3.0, 1.0), (2.9, 2.0), (5.0, 9.0), (2.8, 1.0)):
         a.observe_step(loss, grad_norm)
     a.observe_training("blocks.0.mlp.hook_pre", fire([1] * 119 + [3]))
     third = measure(v, [a], probe, step=4).values
     assert third["sparsity/turned_off/L0"] == 2 and third["sparsity/revived/L0"] == 1  # 0 and 2 off, 3 back
-    assert third["sparsity/dead_since_init/L0"] == 8  # dead at both judgements: all but 0, 1, 2, 3
-    # units 0 and 2 fired on 25% of the previous 120 tokens, unit 1 on 50%: missing 120 fresh ones by chance
-    assert third["sparsity/dead_expected_chance/L0"] == pytest.approx(2 * 0.75 ** 120 + 0.5 ** 120)
+    assert third["sparsity/never_fired/L0"] == 8  # on no training token since the start: all but 0, 1, 2, 3
+    assert third["sparsity/dead_fire_on_probe/L0"] == 1  # unit 2 turned off on training tokens, fires on the probe
     assert third["sparsity/interval_grad_norm_max"] == 9.0
     assert third["sparsity/interval_loss_jump_max"] == pytest.approx(2.1)
 
@@ -99,7 +108,7 @@ def test_dead_units_turned_off_and_revived_on_a_real_model():
     second = measure(v, [a], tokens, step=1).values
     assert second["sparsity/dead_count/L0"] == 2
     assert second["sparsity/turned_off/L0"] == 1 and second["sparsity/revived/L0"] == 1  # unit 3 off, unit 1 back
-    assert second["sparsity/dead_since_init/L0"] == 1  # unit 2
+    assert second["sparsity/never_fired/L0"] == 1  # unit 2
     assert second["sparsity/sleeping_frac/L0"] == 0.0  # −100 is far below zero
 
 

@@ -41,7 +41,7 @@ def test_fit_logs_every_step_and_every_analysis_at_every_snapshot(tiny_run):
     online = analysis_rows(tiny_run)
     assert sorted(online) == sorted(read_manifest(tiny_run)) and "basic/probe_loss" in online[0]
     assert {"basic/probe_loss", "regions/sharpness_median/L1", "sparsity/batch_usage/L1", "vocab/agree_final/L0",
-            "outliers/score_max", "frequency/r2_corpus", "frequency/wu_rel_change"} <= set(online[4])
+            "outliers/score_max", "frequency/r2_corpus", "frequency/wu_change_per_step"} <= set(online[4])
     assert len(RunFiles(tiny_run).table("regions/median_curve").read_text().splitlines()) == len(online)
 
 

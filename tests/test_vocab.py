@@ -13,27 +13,34 @@ A_TOK, B_TOK, K = 3, 7, 2  # the final top-1 is B_TOK from layer K on; A_TOK bef
 
 
 class Scripted(nn.Module):
-    """Emits a hand-built residual stream and MLP coefficients at every position."""
+    """Emits a hand-built residual stream and MLP coefficients at every position: layer l's (m, resid) from
+    `layers(l)`."""
 
-    def __init__(self):
+    def __init__(self, layers):
         super().__init__()
+        self.layers = layers
         self.resid = nn.ModuleList(HookPoint() for _ in range(L))
         self.post = nn.ModuleList(HookPoint() for _ in range(L))
 
     def forward(self, tokens):
         B, T = tokens.shape
-        e = torch.eye(D)
         for l in range(L):
-            m = 4 * e[B_TOK] if l == K else torch.zeros(D)  # the FFN at layer K promotes B_TOK by 4
-            before = 0.5 * e[B_TOK] + e[A_TOK]  # before that FFN, A_TOK leads (1 > 0.5), all else 0
-            r = before + 4 * e[B_TOK] if l >= K else e[A_TOK] * 2
+            m, r = self.layers(l)
             self.post[l](m.expand(B, T, D))
             x = self.resid[l](r.expand(B, T, D))
-        return x @ e
+        return x
 
 
-def scripted_view() -> FakeView:
-    model = Scripted()
+def promoting(l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFN at layer K promotes B_TOK by 4; before it, A_TOK leads (1 > 0.5), all else 0."""
+    e = torch.eye(D)
+    m = 4 * e[B_TOK] if l == K else torch.zeros(D)
+    before = 0.5 * e[B_TOK] + e[A_TOK]
+    return m, before + 4 * e[B_TOK] if l >= K else e[A_TOK] * 2
+
+
+def scripted_view(layers=promoting) -> FakeView:
+    model = Scripted(layers)
     points = {f"blocks.{l}.hook_resid_post": model.resid[l] for l in range(L)}
     points |= {f"blocks.{l}.mlp.hook_post": model.post[l] for l in range(L)}
     return FakeView(model, points, torch.eye(D), n_layers=L, context_length=16, values=torch.eye(D))
@@ -46,13 +53,19 @@ def test_saturation_layer_promotion_and_elimination_on_a_planted_stream():
     out = record.values
     assert out["vocab/saturation_layer_mean"] == K
     assert out["vocab/oracle_exit_saving"] == pytest.approx(1 - (K + 1) / L) and "vocab/early_exit_saving" not in out
-    assert [out[f"vocab/agree_final/L{l}"] for l in range(L)] == [0, 0, 1, 1]
+    assert [out[f"vocab/agree_final/L{l}"] for l in range(L - 1)] == [0, 0, 1]
+    assert f"vocab/agree_final/L{L - 1}" not in out  # the last layer agrees with itself
     assert record.tables["vocab/saturation_hist"].rows[K] == [K, 1.0]
     # the saturation event at K: of the 10 dominant sub-updates, unit B_TOK scores m·(e_B·v_B) = 4 for the
     # promoted token and 0 for A_TOK, ranked above it before the FFN: elimination by promotion
     assert [out[f"vocab/promoted_{s}/L{K}"] for s in ("max", "mean", "min")] == pytest.approx([4.0, 0.4, 0.0])
     assert [out[f"vocab/eliminated_{s}/L{K}"] for s in ("max", "mean", "min")] == pytest.approx([0.0, 0.0, 0.0])
     # the layer's candidate is the top-1 before its FFN (A_TOK at layer K), not the outcome (B_TOK)
+    # the baseline at the same events: 10 random sub-updates, of which unit B_TOK (1 in 12) scores 4; over 12
+    # events the mean has a standard error of 0.1
+    assert out[f"vocab/promoted_random_max/L{K}"] <= 4.0
+    assert out[f"vocab/promoted_random_mean/L{K}"] == pytest.approx(4 / 12, abs=0.3)
+    assert out[f"vocab/promoted_random_min/L{K}"] == 0.0
     assert out[f"vocab/promotion_max/L{K}"] == 0.0 and out[f"vocab/promotion_rate/L{K}"] == 0.0
     assert out["vocab/promotion_max/L0"] == 0.0 and out["vocab/promotion_rate/L0"] == 0.0  # no FFN signal at layer 0
 
@@ -67,6 +80,17 @@ def test_predictive_early_exit_is_fitted_on_even_windows_and_scored_on_odd_ones(
     assert out["vocab/exit_accuracy"] == 1.0 and out["vocab/exit_saving"] == pytest.approx(1 - (K + 1) / L)
     curve = {row[0]: row[1:] for row in record.tables["vocab/exit_curve"].rows}
     assert curve[0.4] == [0.0, 0.0, pytest.approx(1 - 1 / L)] and curve[1.0] == [1.0, 1.0, 0.0]
+    assert curve[0.0] == curve[0.4]  # τ = 0: every position exits at layer 0
+
+
+def test_the_threshold_grid_reaches_below_a_slack_target():
+    # every layer's logit lens predicts B_TOK, at layer 0 with probability e^0.1/(e^0.1 + 11) ≈ 0.091
+    v = scripted_view(lambda l: (torch.zeros(D), (0.1 + 3 * l) * torch.eye(D)[B_TOK]))
+    (a,) = build("vocab", v.shape, options={"vocab": {"position_stride": 4, "coherence_values": 4}})
+    out = measure(v, [a], torch.zeros(3, 16, dtype=torch.long), step=0).values
+    # layer 0 is already right at 9% confidence: a grid that stops at τ = 0.1 would exit one layer later
+    assert out["vocab/exit_threshold"] < 0.09 and out["vocab/exit_accuracy"] == 1.0
+    assert out["vocab/exit_saving"] == pytest.approx(1 - 1 / L)
 
 
 class OneUnit(nn.Module):

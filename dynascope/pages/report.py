@@ -183,11 +183,15 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
         paper = f"{analysis.paper}. " if analysis.paper else ""
         body.append(f"<h2>{html.escape(analysis.title or name)}</h2>"
                     f"<p class='paper'>{html.escape(paper + analysis.expectation)}</p>")
+        plot.left_out.clear()
         body += [embed(fig, out / f"{name}_{i}.png") for i, fig in enumerate(analysis.figures(plot))]
+        if plot.left_out:
+            body.append("<p class='note'>Left out: " + "; ".join(html.escape(r) for r in plot.left_out) + ".</p>")
     return write_page(out, f"dynascope report — {history.name}", body)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
 h1{margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ddd} .meta{color:#555}
-.paper{color:#444;max-width:70em} img{max-width:100%;display:block;margin:.6em 0}
+.paper{color:#444;max-width:70em} .note{color:#777;font-size:.9em;max-width:70em}
+img{max-width:100%;display:block;margin:.6em 0}
 table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:.3em .7em} th{background:#f4f4f4}"""
