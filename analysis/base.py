@@ -105,7 +105,7 @@ class Analysis(Metric):
     reference_lines: ClassVar[dict[str, float]] = {}
     full_state_update = False
 
-    view: ModelView  # the checkpoint being measured, bound by `bind`
+    view: ModelView | None  # the checkpoint being measured, bound by `bind`
     step: int
     peers: dict[str, Measurement]  # results of the analyses named in `reads`, set before compute()
 
@@ -140,8 +140,9 @@ class Analysis(Metric):
         if isinstance(default, list):
             self.list_states.add(name)
 
-    def bind(self, view: ModelView, step: int) -> None:
-        """The checkpoint to measure: set once per checkpoint, before the first `update`."""
+    def bind(self, view: ModelView | None, step: int) -> None:
+        """The checkpoint to measure: set once per checkpoint, before the first `update` (None after the last
+        `compute`, so that no analysis keeps a measured model alive)."""
         self.view, self.step = view, step
 
     def hook_names(self) -> list[str]:

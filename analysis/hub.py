@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dynascope.analysis.base import AnalysisContext
-from dynascope.analysis.replay import Checkpoint, Replay, shard_of
+from dynascope.analysis.replay import Checkpoint, Replay, Source
 from dynascope.analysis.view import HFModelView
 from dynascope.core.data import Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.core.errors import DynascopeError, first_line
@@ -171,25 +171,33 @@ def _probe_and_context(first: HFCheckpoint, source: ProbeSource) -> tuple[torch.
     return tokens, AnalysisContext(torch.from_numpy(token_counts), tokenizer, tokenizer.token_to_id(eos))
 
 
-def hf_replay(model_dirs: list[str | Path], labels: list[str] | None = None, analyses: str | list[str] = "all",
-              source: ProbeSource | None = None, batch_size: int = 16, options: dict[str, dict] | None = None,
-              shard: tuple[int, int] | None = None, tokens_per_step: int | None = None) -> Replay:
-    """The replay of Hugging Face checkpoints (local directories or hub revisions, see `hf_checkpoints`), ordered
-    by `labels` (a step number in each label, e.g. `step3000`, becomes the x-axis; otherwise the position) or
-    else by revision or directory name, on the probe windows and token counts of `source`. `tokens_per_step`
-    gives tokens_seen = step × it. A checkpoint that cannot be had stops this before any work."""
+def hf_source(model_dirs: list[str | Path], labels: list[str] | None = None,
+              tokens_per_step: int | None = None) -> tuple[Source, HFCheckpoint]:
+    """Hugging Face checkpoints (local directories or hub revisions, see `hf_checkpoints`) ordered by `labels` (a
+    step number in each label, e.g. `step3000`, becomes the x-axis; otherwise the position) or else by revision
+    or directory name, and the first of them. `tokens_per_step` gives tokens_seen = step × it. A checkpoint that
+    cannot be had stops this before any work."""
     by_label = labelled(hf_checkpoints([str(d) for d in model_dirs]), labels)
     for c in by_label.values():  # a checkpoint that cannot be had (e.g. not cached, offline) stops us now
         c.file("config.json")
     order = list(by_label)
-    tokens, context = _probe_and_context(by_label[order[0]], source or ProbeSource())
     checkpoints = []
     for i, label in enumerate(order):
         step = step_of(i, label, labels is not None)
         checkpoints.append(Checkpoint(step, float(step * tokens_per_step) if tokens_per_step else float("nan"),
                                       label))
-    return Replay(shard_of(checkpoints, shard), lambda label, device: by_label[label].load(), order[-1], tokens,
-                  analyses, context, batch_size, options)
+    return Source(checkpoints, lambda label, device: by_label[label].load(), order[-1]), by_label[order[0]]
+
+
+def hf_replay(model_dirs: list[str | Path], labels: list[str] | None = None, analyses: str | list[str] = "all",
+              source: ProbeSource | None = None, batch_size: int = 16, options: dict[str, dict] | None = None,
+              shard: tuple[int, int] | None = None, tokens_per_step: int | None = None,
+              done: frozenset[int] | set[int] = frozenset()) -> Replay:
+    """The replay of Hugging Face checkpoints (`hf_source`) on the probe windows and token counts of `source`;
+    with `shard` (index, count), of that shard's part only; less the steps `done`."""
+    checkpoints, first = hf_source(model_dirs, labels, tokens_per_step)
+    tokens, context = _probe_and_context(first, source or ProbeSource())
+    return Replay(checkpoints, tokens, analyses, context, batch_size, options, shard, done)
 
 
 def _load_counts(path: str | Path) -> np.ndarray:

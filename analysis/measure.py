@@ -73,6 +73,8 @@ def measure(view: ModelView, analyses: list[Analysis], probe: torch.Tensor, step
             record.values |= results[a.name].values
             record.tables |= results[a.name].tables
             record.summary |= results[a.name].summary
+    for a in analyses:
+        a.bind(None, step)
     return record
 
 

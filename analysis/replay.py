@@ -1,10 +1,12 @@
 """Offline replay: the analyses measured over saved checkpoints, in step order, as training measured them.
 
-A `Replay` iterates over `Checkpoint`s and yields one `CheckpointRecord` per checkpoint; whoever iterates
-writes the records (the `dynascope analyze` driver hands them to a recorder). `run_replay` builds the
-replay of a run directory's snapshots with the run's probe windows, corpus counts, tokenizer and analysis
-options; `hub.py` builds one over Hugging Face checkpoints. A checkpoint that cannot be used (unreadable,
-altered, not matching the config) is named and skipped.
+A `Source` lists checkpoints in step order and loads them (`run_source`: a run directory's snapshots and its
+zooms'; `hub.hf_source`: Hugging Face checkpoints). A `Replay` measures a source's checkpoints (all, a shard
+of them, or those not recorded yet: `pending`) and yields one `CheckpointRecord` per checkpoint, with each
+checkpoint's integrity print (`integrity.py`); whoever iterates writes them (the `dynascope analyze`
+driver). `run_replay` builds the replay of a run directory with the run's probe windows, corpus counts,
+tokenizer and analysis options; `hub.hf_replay` one over Hugging Face checkpoints. A checkpoint that cannot
+be used (unreadable, altered, not matching the config) is named and skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dynascope.analysis.base import Analysis, AnalysisContext, build
+from dynascope.analysis.integrity import Print, weights_print
 from dynascope.analysis.measure import measure, stage_count
 from dynascope.analysis.onsets import history_from_tables, summarize
 from dynascope.analysis.view import ModelShape, ModelView, TransformerView
@@ -32,7 +35,7 @@ from dynascope.core.probe import load_probe
 from dynascope.core.records import CheckpointRecord
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.settings import trajectory_hash
-from dynascope.core.snapshots import load_snapshot, read_manifest
+from dynascope.core.snapshots import load_snapshot, load_snapshot_tensor, read_manifest
 
 
 @dataclass(frozen=True)
@@ -43,42 +46,70 @@ class Checkpoint:
     record: bool = True  # False: measured only to carry state into the next checkpoint (a shard's first)
 
 
-def shard_of(checkpoints: list[Checkpoint], shard: tuple[int, int] | None) -> list[Checkpoint]:
-    """Shard `index` of `count`: a contiguous run of the checkpoints, preceded by the one before it (not
-    recorded), so keys that compare consecutive checkpoints come out as in one process."""
-    if shard is None:
-        return checkpoints
-    index, count = shard
-    if not 0 <= index < count:
-        raise DynascopeError(f"--shard {index}/{count}: give I/N with 0 <= I < N")
-    bounds = [round(i * len(checkpoints) / count) for i in range(count + 1)]
-    first, last = bounds[index], bounds[index + 1]
-    before = [replace(checkpoints[first - 1], record=False)] if 0 < first < last else []
-    return before + checkpoints[first:last]
+def pending(checkpoints: list[Checkpoint], shard: tuple[int, int] | None = None,
+            done: frozenset[int] | set[int] = frozenset()) -> list[Checkpoint]:
+    """The checkpoints to measure: all, or shard `index` of `count` (a contiguous run of them), less the steps
+    `done` (recorded already). Each run of them is preceded by the checkpoint before it, measured but not
+    recorded, so that keys comparing consecutive checkpoints come out as in one pass over all of them."""
+    lo, hi = 0, len(checkpoints)
+    if shard is not None:
+        index, count = shard
+        if not 0 <= index < count:
+            raise DynascopeError(f"--shard {index}/{count}: give I/N with 0 <= I < N")
+        lo, hi = round(index * len(checkpoints) / count), round((index + 1) * len(checkpoints) / count)
+    chosen = [i for i in range(lo, hi) if checkpoints[i].step not in done]
+    out: list[Checkpoint] = []
+    for i in chosen:
+        if i > 0 and (not out or out[-1] is not checkpoints[i - 1]):
+            out.append(replace(checkpoints[i - 1], record=False))
+        out.append(checkpoints[i])
+    return out
+
+
+@dataclass
+class Source:
+    """Checkpoints in step order and how to load them: `load_view(label, device)`, and the unembedding of the
+    last one (`final`) alone through `final_embeddings()` where that is cheaper than loading the model."""
+
+    checkpoints: list[Checkpoint]
+    load_view: Callable[[str, str], ModelView]
+    final: str
+    final_embeddings: Callable[[], torch.Tensor] | None = None
+
+    def final_output_embeddings(self) -> torch.Tensor:
+        if self.final_embeddings is not None:
+            return self.final_embeddings()
+        return self.load_view(self.final, "cpu").output_embeddings.detach().clone()  # the model is freed here
 
 
 class Replay:
-    """Analyses `names` replayed over `checkpoints` in order: iterating yields a `CheckpointRecord` per
-    checkpoint to record. `load_view(label, device)` gives a checkpoint's view; the next checkpoint loads on a
-    background thread while one is measured. The `final` checkpoint's unembedding is the reference of distances
-    to the end of training (loaded first and, when it is among the checkpoints, reused at its turn). Checkpoints
-    that cannot be loaded are named on stderr and listed in `skipped`; `shape` is the model's, once one
-    checkpoint was loaded."""
+    """Analyses `names` replayed over a source's checkpoints in order (shard `shard` of them, less the steps
+    `done`): iterating yields a `CheckpointRecord` per checkpoint to record, and leaves its weights' fingerprint
+    and sketch (`integrity.Print`) in `prints` under its step. One model is in memory at a time, plus the next,
+    loading (and being fingerprinted) on a background thread; the final checkpoint's unembedding, the reference
+    of distances to the end of training, is all that is kept of it until its turn. Checkpoints that cannot be
+    loaded are named on stderr and listed in `skipped`; `shape` is the model's, once one checkpoint was loaded."""
 
-    def __init__(self, checkpoints: list[Checkpoint], load_view: Callable[[str, str], ModelView], final: str,
-                 probe: torch.Tensor, names: str | list[str], context: AnalysisContext, batch_size: int,
-                 options: dict[str, dict] | None = None):
-        self.checkpoints, self.load_view, self.final, self.probe = checkpoints, load_view, final, probe
-        self.names, self.context, self.batch_size, self.options = names, context, batch_size, options
+    def __init__(self, source: Source, probe: torch.Tensor, names: str | list[str], context: AnalysisContext,
+                 batch_size: int, options: dict[str, dict] | None = None, shard: tuple[int, int] | None = None,
+                 done: frozenset[int] | set[int] = frozenset()):
+        self.source, self.probe, self.names, self.context = source, probe, names, context
+        self.batch_size, self.options = batch_size, options
+        self.checkpoints = pending(source.checkpoints, shard, done)
         self.skipped: list[str] = []
         self.shape: ModelShape | None = None
+        self.prints: dict[int, Print] = {}
+
+    def _load(self, ckpt: Checkpoint, device: str) -> tuple[ModelView, Print | None]:
+        view = self.source.load_view(ckpt.label, device)
+        return view, weights_print(ckpt.label, ckpt.step, view.model.state_dict()) if ckpt.record else None
 
     def records(self, device: str = "cpu") -> Iterator[CheckpointRecord]:
         """Measure every checkpoint in order, the next one loading on a background thread meanwhile."""
-        cached: dict[str, ModelView] = {}
+        if not self.checkpoints:
+            return
         try:
-            cached[self.final] = self.load_view(self.final, device)
-            self.context.final_output_embeddings = cached[self.final].output_embeddings.detach().clone()
+            self.context.final_output_embeddings = self.source.final_output_embeddings()
         except DynascopeError as e:
             tqdm.write(f"dynascope: no distances to the final checkpoint: {e}", file=sys.stderr)
         analyses: list[Analysis] = []
@@ -87,21 +118,18 @@ class Replay:
 
             def prefetch() -> Future | None:
                 ckpt = next(ahead, None)
-                if ckpt is None:
-                    return None
-                if ckpt.label in cached:  # the final checkpoint, loaded already
-                    return _done(cached.pop(ckpt.label))
-                return loader.submit(self.load_view, ckpt.label, device)
+                return None if ckpt is None else loader.submit(self._load, ckpt, device)
 
-            pending = prefetch()
+            upcoming = prefetch()
             for ckpt in tqdm(self.checkpoints, desc="analysing checkpoints", unit="ckpt"):
-                loading, pending = pending, prefetch()
+                loading, upcoming = upcoming, prefetch()
                 try:
-                    view = loading.result()
+                    view, fingerprint = loading.result()
                 except DynascopeError as e:
                     tqdm.write(f"dynascope: skipped: {e}", file=sys.stderr)
                     self.skipped.append(ckpt.label)
                     continue
+                del loading  # the future would keep the model alive until the next checkpoint
                 view.model.to(device)
                 if not analyses:
                     self.shape = view.shape
@@ -111,22 +139,21 @@ class Replay:
                     record = measure(view, analyses, self.probe, ckpt.step, ckpt.tokens_seen, self.batch_size,
                                      ckpt.label, progress=lambda stage: (bar.set_postfix_str(stage, refresh=False),
                                                                          bar.update()))
+                del view
                 if ckpt.record:
+                    self.prints[ckpt.step] = fingerprint
                     yield record
 
 
-def _done(value: object) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
-
-
-def replay_events(analyses: list[Analysis], tables: dict[str, list[dict]]) -> dict[str, float | None]:
+def replay_events(analyses: list[Analysis], tables: dict[str, list[dict]],
+                  left_out: set[int] | frozenset[int] = frozenset()) -> dict[str, float | None]:
     """The summary events of the analyses, rebuilt from their onsets tables ({table key: its entries}), as one
-    pass measuring every checkpoint in step order reports them."""
+    pass measuring every checkpoint in step order reports them; the checkpoints `left_out` (steps) are not
+    judged."""
     summary: dict[str, float | None] = {}
     for a in analyses:
-        history = history_from_tables(tables.get(f"{a.name}/onsets", []))
+        entries = [e for e in tables.get(f"{a.name}/onsets", []) if e["step"] not in left_out]
+        history = history_from_tables(entries)
         for event in a.events():
             if event.name in history:
                 summary |= summarize(event, history[event.name])
@@ -152,18 +179,15 @@ def run_context(run_dir: str | Path, config: dict) -> AnalysisContext:
     return AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
 
 
-def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
-               batch_size: int | None = None, options: dict[str, dict] | None = None,
-               shard: tuple[int, int] | None = None) -> Replay:
-    """The replay of a run's snapshots and its zooms' (all, or `steps`) with the analysis options and probe batch
-    size of its config; with `shard` (index, count), of that shard's part only. A zoom's step that the run has too
-    is the run's (they are byte-identical); the zooms' own steps are labelled `zoom <step>`."""
+def run_source(run_dir: str | Path, steps: list[int] | None = None) -> Source:
+    """A run's snapshots and its zooms' (all, or `steps`). A zoom's step that the run has too is the run's (they are
+    byte-identical); the zooms' own steps are labelled `zoom <step>`. Each snapshot is checked against its manifest
+    (sha256, model config, trajectory) as it loads."""
     run = RunFiles(run_dir)
     if not run.config.is_file():
         raise DynascopeError(f"{run.root} is not a dynascope run directory (no config.yaml)")
     config = read_yaml(run.config, "run config")
     arch = ModelConfig(**config["model"]["arch"])
-    probe = load_probe(run.probe)
     manifest = read_manifest(run.root)
     if not manifest:
         raise DynascopeError(f"{run.manifest} lists no snapshots")
@@ -192,6 +216,19 @@ def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: li
 
     checkpoints = [Checkpoint(s, float(sources[s][1].get("tokens_seen", math.nan)),
                               str(s) if sources[s][0] is run else f"zoom {s}") for s in sorted(steps or sources)]
-    return Replay(shard_of(checkpoints, shard), load_view, str(max(manifest)), probe, analyses,
-                  run_context(run.root, config), batch_size or (config.get("dynamics") or {}).get("batch_size", 16),
-                  run_options(run.root, options))
+    return Source(checkpoints, load_view, str(max(manifest)),
+                  lambda: load_snapshot_tensor(run.root, max(manifest), "unembed.weight"))
+
+
+def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
+               batch_size: int | None = None, options: dict[str, dict] | None = None,
+               shard: tuple[int, int] | None = None, done: frozenset[int] | set[int] = frozenset()) -> Replay:
+    """The replay of a run's snapshots and its zooms' (`run_source`) with the probe windows, analysis options and
+    probe batch size of its config; with `shard` (index, count), of that shard's part only; less the steps
+    `done`."""
+    run = RunFiles(run_dir)
+    source = run_source(run_dir, steps)
+    config = read_yaml(run.config, "run config")
+    return Replay(source, load_probe(run.probe), analyses, run_context(run.root, config),
+                  batch_size or (config.get("dynamics") or {}).get("batch_size", 16), run_options(run.root, options),
+                  shard, done)

@@ -10,6 +10,7 @@
     dynascope sync RUN_DIR [--project P]
     dynascope sweep --config CONFIG --grid "KEY=V1,V2 ..." --out SWEEP_DIR [--slurm] [fit arguments]
     dynascope compare DIR ... --out OUT_DIR
+    dynascope verify RUN_DIR | MODEL_DIR|REPO@REVISION ... --out OUT_DIR
 
 Only `fit` imports Lightning; the other commands load what they need when they run.
 """
@@ -38,6 +39,7 @@ COMMANDS = {
     "compare": "write one page overlaying the headline curves of several runs (seeds as bands) and their events",
     "onsets": "list a run's onsets: step, bracket, interval, confidence and guard, and the zoom that resolves each",
     "zoom": "train a stretch of a run again, snapshotting and measuring it densely, to resolve an onset",
+    "verify": "check that each checkpoint of a run or a suite is what its step claims, without analysing it",
 }
 
 
@@ -165,6 +167,10 @@ def _analyze(argv: list[str]) -> None:
                    help="worker processes sharing the checkpoints (on as many GPUs with --device cuda), merged")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="only shard I of N (a Slurm array task); then --merge")
     p.add_argument("--merge", action="store_true", help="merge the shards written by --shard into one table")
+    p.add_argument("--redo", action="store_true", help="measure every checkpoint again (default: only those not "
+                                                       "recorded yet, so a killed replay continues)")
+    p.add_argument("--keep-flagged", action="store_true",
+                   help="judge onsets on checkpoints the integrity record flags too (default: leave them out)")
     a = p.parse_args(argv)
     if bool(a.hf) == bool(a.run):
         p.error("give a run directory or --hf MODEL_DIR ... (one of them)")
@@ -178,7 +184,8 @@ def _analyze(argv: list[str]) -> None:
         run=a.run, hf=a.hf, out=a.out, labels=a.labels.split(",") if a.labels else None, data=a.data, probe=a.probe,
         counts=a.counts, tokens_per_step=a.tokens_per_step, analyses=a.analyses,
         steps=_steps(a.steps) if a.steps else None, batch_size=a.batch_size, options=a.options,
-        outputs=({"wandb": {}} if a.wandb else {}) | a.outputs, device=a.device)
+        outputs=({"wandb": {}} if a.wandb else {}) | a.outputs, device=a.device, redo=a.redo,
+        keep_flagged=a.keep_flagged)
     if a.shard is not None:
         outcome = driver.analyze_shard(request, a.shard)
         print(f"shard {a.shard[0]}/{a.shard[1]}: {len(outcome.steps)} checkpoints in {outcome.files.root}; merge the "
@@ -310,6 +317,25 @@ def _zoom(argv: list[str]) -> None:
           f"dynascope analyze {a.run}")
 
 
+def _verify(argv: list[str]) -> None:
+    from dynascope.verify import verify
+
+    p = _Parser(prog="dynascope verify", description=COMMANDS["verify"],
+                epilog="Writes integrity.csv (fingerprint, distances to the first, previous and last checkpoint, "
+                       "flags) into RUN_DIR/analysis/ or --out, and one warning per flagged checkpoint.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINTS",
+                   help="a run directory, or Hugging Face model directories and hub revisions REPO@REVISION")
+    p.add_argument("--out", help="where the integrity record of Hugging Face checkpoints goes")
+    p.add_argument("--labels", help="comma-separated labels of the Hugging Face checkpoints, in order")
+    a = p.parse_args(argv)
+    files, rows, skipped = verify(a.checkpoints, a.out, a.labels.split(",") if a.labels else None)
+    print(f"integrity: {files.integrity_csv} ({len(rows)} checkpoints, {sum(bool(r['flags']) for r in rows)} "
+          "flagged)")
+    if skipped:
+        print(f"dynascope: {len(skipped)} checkpoint(s) could not be loaded: {', '.join(skipped)}", file=sys.stderr)
+        sys.exit(1)
+
+
 def _fit(argv: list[str]) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -331,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     handlers = {"fit": _fit, "prepare": _prepare, "batch": _batch, "analyze": _analyze, "export": _export,
                 "plot": _plot, "report": _report, "sync": _sync, "sweep": _sweep, "compare": _compare,
-                "onsets": _onsets, "zoom": _zoom}
+                "onsets": _onsets, "zoom": _zoom, "verify": _verify}
     try:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
     except (DynascopeError, argparse.ArgumentError) as e:

@@ -41,7 +41,7 @@ def test_a_new_output_is_one_subclass_and_every_command_drives_it(tiny_run, tmp_
         assert seen[-1] == ("finalize", [], False)  # --report false: no pages
         seen.clear()
         main(["analyze", str(copy_run(tiny_run, tmp_path / "copy")), "--analyses", "basic", "--outputs",
-              '{"memory": {}}'])
+              '{"memory": {}}', "--redo"])
         assert [s for s in seen if s[0] == "metrics"] == [("metrics", "analyze", s, True) for s in (0, 1, 2, 4, 6, 7)]
         assert seen[-1][0] == "finalize" and {"report", "plots/overview"} <= set(seen[-1][1])
         with pytest.raises(DynascopeError, match=r"--outputs.memory: unknown option\(s\) \['colour'\]"):
@@ -84,7 +84,7 @@ def test_appending_to_the_metrics_log_does_not_read_it(tmp_path, monkeypatch):
 
 def test_the_parquet_output_holds_the_offline_table(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
-    main(["analyze", str(run), "--no-plot", "--outputs", '{"parquet": {}}'])
+    main(["analyze", str(run), "--no-plot", "--outputs", '{"parquet": {}}', "--redo"])
     files = RunFiles(run).analysis
     table = pq.read_table(files.metrics_parquet).to_pylist()
     rows = read_csv(files.metrics_csv)

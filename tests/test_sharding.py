@@ -6,7 +6,8 @@ import shutil
 import pytest
 from helpers import copy_run
 
-from dynascope.analysis.replay import Checkpoint, shard_of
+from dynascope.analysis.integrity import read_integrity
+from dynascope.analysis.replay import Checkpoint, pending
 from dynascope.cli import main
 from dynascope.core.io import read_json
 from dynascope.core.records import read_csv, read_table
@@ -17,11 +18,12 @@ def outputs(analysis_dir):
     rows = {int(r["step"]): r for r in read_csv(analysis_dir / "metrics.csv")}
     summary = read_json(RunFiles(analysis_dir).summary) if (RunFiles(analysis_dir).summary).exists() else {}
     tables = {p.name: read_table(p) for p in sorted(RunFiles(analysis_dir).tables.glob("*.jsonl"))}
-    return rows, summary, tables
+    return rows, summary, tables, read_integrity(RunFiles(analysis_dir))
 
 
 def assert_same(one, sharded):
-    (rows, summary, tables), (rows2, summary2, tables2) = one, sharded
+    (rows, summary, tables, integrity), (rows2, summary2, tables2, integrity2) = one, sharded
+    assert len(integrity) == len(rows) and repr(integrity2) == repr(integrity)  # the integrity record merges too
     assert sorted(rows2) == sorted(rows)
     for step, row in rows.items():
         assert rows2[step].keys() == row.keys()
@@ -33,9 +35,13 @@ def assert_same(one, sharded):
 
 def test_shards_are_contiguous_and_start_after_the_checkpoint_before_them():
     ckpts = [Checkpoint(s, 0.0, str(s)) for s in (0, 1, 2, 4, 6, 7)]
-    parts = [shard_of(ckpts, (i, 3)) for i in range(3)]
+    parts = [pending(ckpts, (i, 3)) for i in range(3)]
     assert [[(c.step, c.record) for c in part] for part in parts] == [
         [(0, True), (1, True)], [(1, False), (2, True), (4, True)], [(4, False), (6, True), (7, True)]]
+    # a replay that continues: each run of the steps not recorded yet after the checkpoint before it
+    assert [(c.step, c.record) for c in pending(ckpts, done={0, 1, 4, 6})] == [
+        (1, False), (2, True), (6, False), (7, True)]
+    assert [(c.step, c.record) for c in pending(ckpts, (1, 3), done={2})] == [(2, False), (4, True)]
 
 
 @pytest.mark.parametrize("how", ["devices", "array"])

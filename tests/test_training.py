@@ -90,7 +90,7 @@ def test_analyze_names_a_corrupt_snapshot_and_keeps_the_others(tiny_run, tmp_pat
     path.write_bytes(path.read_bytes()[:-100])
     before = {r["step"]: r for r in read_csv(RunFiles(run).analysis.metrics_csv)}
     with pytest.raises(SystemExit) as e:
-        main(["analyze", str(run)])
+        main(["analyze", str(run), "--redo"])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert str(path) in err and "skipped" in err

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import yaml
-from helpers import tiny_args, wandb_file
+from helpers import copy_run, tiny_args, wandb_file
 
 from dynascope.cli import main
 from dynascope.core.records import read_metrics, read_table
@@ -54,8 +54,8 @@ def test_a_fit_sends_growing_tables_hidden_layer_keys_their_charts_and_the_pages
     assert (RunFiles(run).report / "index.html").exists() and wandb_run.exit_code == 0
 
 
-def test_an_offline_analysis_goes_into_the_training_run(tiny_run, fake_wandb):
-    main(["analyze", str(tiny_run), "--wandb"])
+def test_an_offline_analysis_goes_into_the_training_run(tiny_run, tmp_path, fake_wandb):
+    main(["analyze", str(copy_run(tiny_run, tmp_path)), "--wandb", "--redo"])
     (attached,) = fake_wandb.runs
     assert attached.init["id"] == RunFiles(tiny_run).wandb_id.read_text().strip() and attached.init["resume"]
     sent = [r for r in attached.history if "trainer/global_step" in r]

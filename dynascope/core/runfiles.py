@@ -79,6 +79,19 @@ class RecordFiles:
         return self.root / "shape.json"
 
     @property
+    def integrity_csv(self) -> Path:
+        return self.root / "integrity.csv"
+
+    @property
+    def prints(self) -> Path:
+        """Each recorded checkpoint's fingerprint and weight sketch (integrity/<step>.npz): what integrity.csv is
+        computed from, and the mark that a checkpoint was recorded whole."""
+        return self.root / "integrity"
+
+    def print_file(self, step: int) -> Path:
+        return self.prints / f"{step}.npz"
+
+    @property
     def shards(self) -> Path:
         return self.root / "shards"
 

@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dynascope.core.errors import DynascopeError
@@ -59,3 +60,13 @@ def load_snapshot(run_dir: str | Path, step: int, verify: bool = True,
     except Exception as e:  # safetensors raises several types for bad headers and truncation
         raise DynascopeError(f"snapshot {path} cannot be read ({e}); the file is corrupt") from None
 
+
+
+def load_snapshot_tensor(run_dir: str | Path, step: int, name: str) -> torch.Tensor:
+    """One tensor of a snapshot, read alone (on the CPU, not checked against the manifest)."""
+    path = RunFiles(run_dir).snapshot(step)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+    except Exception as e:  # safetensors raises several types for bad headers, truncation and missing names
+        raise DynascopeError(f"snapshot {path} cannot be read ({e}); the file is corrupt") from None

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from dynascope.analysis import REGISTRY, build
 from dynascope.analysis.figures import RunPlot, finite
+from dynascope.analysis.integrity import read_integrity
 from dynascope.analysis.onsets import Event, history_from_tables, onset_distribution
 from dynascope.analysis.view import ModelShape
 from dynascope.core.io import atomic_path, ensure_writable, read_json
@@ -63,6 +64,24 @@ def _events(history: RunHistory) -> str:
                                       for c in cells) + "</tr>")
     head = [*COLUMNS[:2], "tokens seen", *COLUMNS[2:]]
     return "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(lines) + "</table>"
+
+
+def _integrity(history: RunHistory) -> str:
+    """Whether each checkpoint measured is what its step claims (integrity.csv): the flagged ones, or none."""
+    rows = read_integrity(history.files)
+    if not rows:
+        return (f"<p>Not checked: <code>dynascope verify {html.escape(str(history.root.root))}</code> (or "
+                "<code>dynascope analyze</code>) writes the integrity record.</p>")
+    bad = [r for r in rows if r["flags"]]
+    verdict = (f"{len(bad)} flagged, left out of the onsets (unless analysed with --keep-flagged)" if bad
+               else "none flagged")
+    text = (f"<p>{len(rows)} checkpoints fingerprinted and placed by their distances to the first and last "
+            f"(integrity.csv): {verdict}.</p>")
+    if bad:
+        text += "<table><tr><th>checkpoint</th><th>step</th><th>flags</th></tr>" + "".join(
+            f"<tr><td>{html.escape(r['label'])}</td><td>{r['step']}</td><td>{html.escape(r['flags'])}</td></tr>"
+            for r in bad) + "</table>"
+    return text
 
 
 def _header(history: RunHistory) -> str:
@@ -173,7 +192,7 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
     plot = RunPlot(history)
     out = ensure_writable(Path(out_dir) if out_dir else history.root.report)
     body = [f"<h1>{html.escape(history.name)}</h1><p class='meta'>{_header(history)}</p>",
-            "<h2>Onsets</h2>", _events(history)]
+            "<h2>Integrity</h2>", _integrity(history), "<h2>Onsets</h2>", _events(history)]
     for i, (event, judgements) in enumerate(run_events(history).values()):
         fig = onset_card(plot, event, judgements)
         if fig is not None:
