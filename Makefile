@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/demo
+TF4 ?= .tf4
 
 .PHONY: install demo test lint clean gpu-wheels gpu-check
 
@@ -10,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned, so pip never pulls a multi-GB CUDA build on a CPU machine
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# transformers 4.x beside the venv's 5.x: the export tests load exports with both majors
+	$(PY) -m pip install -q --no-deps --target $(TF4) "transformers>=4.57,<5" "tokenizers>=0.22,<0.23" "huggingface_hub>=0.34,<1"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(TF4) runs
 
 # The GPU check (benchmarks/gpu_check.py), on a machine with a GPU and no network: its image's python3 (with
 # torch) runs it, with what it lacks installed from .whl/, made here beforehand by `make gpu-wheels`.

@@ -100,7 +100,10 @@ class Analysis(Metric):
     # curves the compare page overlays (default: the headline) and their reference lines
     title: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    paper_url: ClassVar[str] = ""
     expectation: ClassVar[str] = ""
+    signature: ClassVar[str] = ""  # the paper's signature in words, which the event `signature_event` detects
+    signature_event: ClassVar[str] = ""
     compare_keys: ClassVar[tuple[str, ...]] = ()
     reference_lines: ClassVar[dict[str, float]] = {}
     full_state_update = False

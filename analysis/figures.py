@@ -169,7 +169,10 @@ class RunPlot:
         x = self.step_x(step)
         if x is not None:
             ax.axvline(x, color="crimson", linestyle="--", linewidth=1)
-            ax.text(x, ax.get_ylim()[1], f" {label}", color="crimson", fontsize=7, va="top")
+            # inside the axes, on the side of the line with room: a label past the right edge is cut off
+            right_half = ax.transAxes.inverted().transform(ax.transData.transform((x, 0)))[0] > 0.5
+            ax.text(x, 0.98, f" {label} ", transform=ax.get_xaxis_transform(), color="crimson", fontsize=7, va="top",
+                    ha="right" if right_half else "left")
 
     @staticmethod
     def row(panels: list[Panel], width: float = 5.2, height: float = 3.8) -> Figure | None:

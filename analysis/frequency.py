@@ -135,6 +135,9 @@ class Frequency(Analysis):
     final_keys = ("frequency/dist_to_final",)
     title = "Frequency in the unembedding"
     paper = "Cho et al. 2025"
+    paper_url = "https://arxiv.org/abs/2406.01468"
+    signature = "the unembedding comes to encode log token frequency linearly (R² of the fit above its threshold)"
+    signature_event = "frequency/encoded"
     expectation = ("How linearly −log corpus frequency can be read from each token's output embedding (held-out fit). "
                    "Expect the first PC to order tokens by frequency, R² to rise early and settle while the weights "
                    "are still far from their final values, and deletion in |A| order to cost less than a random "

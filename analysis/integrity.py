@@ -26,7 +26,7 @@ Flags, in step order, each with a one-line reason:
   their norm apart; one optimizer step moves them a small fraction of it).
 
 Flagged checkpoints are measured and recorded like the others; the onsets leave them out unless asked
-to keep them (`dynascope analyze --keep-flagged`).
+to keep them (`dynascope analyze --keep_flagged`).
 """
 
 from __future__ import annotations

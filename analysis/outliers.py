@@ -281,6 +281,9 @@ class Outliers(Analysis):
     carry = ("prev_ods",)
     title = "Outlier dimensions"
     paper = "Macocco et al. 2025"
+    paper_url = "https://arxiv.org/abs/2503.21718"
+    signature = "last-layer outlier dimensions emerge (an OD score above 1)"
+    signature_event = "outliers/emergence"
     expectation = ("Last-layer dimensions whose median |h_d| exceeds the 99th percentile of all |h| (the threshold). "
                    "Expect none early, then a few after warmup; ablating them should cost far more than ablating "
                    "random dimensions, and push predictions away from frequent tokens.")

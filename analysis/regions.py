@@ -61,6 +61,9 @@ class Regions(Analysis):
     curve_tables = ("regions/median_curve",)
     title = "Stable regions in the residual stream"
     paper = "Janiak et al. 2024"
+    paper_url = "https://arxiv.org/abs/2409.17113"
+    signature = "the boundaries between the residual stream's stable regions sharpen (median sharpness S rises)"
+    signature_event = "regions/sharpening"
     expectation = ("Output distance along the straight path between two prompts' residuals. A straight line (S ≈ 1) "
                    "at initialisation; a sigmoid-like step, and S rising with training, once stable regions form.")
     reference_lines = {"regions/sharpness_median": 1.0}  # 1: no region boundary

@@ -135,10 +135,9 @@ class Replay:
                     self.shape = view.shape
                     analyses = build(self.names, view.shape, self.context, self.options, device)
                 with tqdm(total=stage_count(analyses, len(self.probe), self.batch_size), leave=False,
-                          desc=f"checkpoint {ckpt.label}", disable=None) as bar:
+                          desc=f"checkpoint {ckpt.label}") as bar:
                     record = measure(view, analyses, self.probe, ckpt.step, ckpt.tokens_seen, self.batch_size,
-                                     ckpt.label, progress=lambda stage: (bar.set_postfix_str(stage, refresh=False),
-                                                                         bar.update()))
+                                     ckpt.label, progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
                 del view
                 if ckpt.record:
                     self.prints[ckpt.step] = fingerprint

@@ -77,6 +77,9 @@ class Sparsity(Analysis):
         "dead_", "turned_off", "revived", "never_fired", "sleeping_frac", "interval_"))
     title = "ReLU sparsity and neuron death"
     paper = "Wild & Anderson 2024"
+    paper_url = "https://arxiv.org/abs/2407.07848"
+    signature = "a layer stops using many of its units (the first, in the paper): batch usage falls below its threshold"
+    signature_event = "sparsity/usage_dip"
     expectation = ("Units active at least once in a fixed token window, per layer, and units that stop firing on the "
                    "training stream. Expect the first layer to collapse while the last stays used, and units to turn "
                    "off in bursts unrelated to gradient spikes if death follows training dynamics.")

@@ -6,9 +6,10 @@ embedding, the orientation of Hugging Face's `get_output_embeddings().weight`; T
 `W_U` is its transpose) with an optional `output_bias`, the final norm as a callable, each MLP's input
 and value vectors, and the model's `shape`. `TransformerView` views dynascope's own `Transformer`;
 `HFModelView` maps Hugging Face GPT-2, GPT-NeoX (Pythia) and Llama-family (OLMo-2, SmolLM) causal
-LMs onto the same names with forward hooks. For those, `blocks.{l}.hook_resid_mid` is not provided
-(GPT-NeoX's parallel residual has none), and for gated MLPs `mlp.hook_pre` is the gate
-pre-activation and `mlp.hook_post` the input of the down projection.
+LMs onto the same names with forward hooks; `LensView` views a TransformerLens `HookedTransformer`, whose
+hook points carry these names already (`view_of` picks the view of a model). For Hugging Face models,
+`blocks.{l}.hook_resid_mid` is not provided (GPT-NeoX's parallel residual has none), and for gated MLPs
+`mlp.hook_pre` is the gate pre-activation and `mlp.hook_post` the input of the down projection.
 """
 
 from __future__ import annotations
@@ -272,8 +273,10 @@ class HFModelView(ModelView):
     """A Hugging Face causal LM (loaded from a local directory with `transformers`)."""
 
     def __init__(self, model: nn.Module):
+        cfg = getattr(model, "config", None)
+        if not isinstance(model, nn.Module) or not hasattr(cfg, "model_type"):
+            raise DynascopeError(f"a {type(model).__name__} is not a Hugging Face causal LM (no config.model_type)")
         self.model = model.eval()
-        cfg = model.config
         if cfg.model_type not in _HF_LAYOUTS:
             raise DynascopeError(f"model type {cfg.model_type!r} is not supported; supported: {sorted(_HF_LAYOUTS)}")
         blocks, embed, norm, pre, out, act = _HF_LAYOUTS[cfg.model_type]
@@ -340,3 +343,61 @@ class HFModelView(ModelView):
 
     def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
         return getattr(self._blocks[layer].get_submodule(self._out_name), "bias", None)
+
+
+class LensView(ModelView):
+    """A TransformerLens `HookedTransformer`: its hook points are the hook names; its weights are [in, out]."""
+
+    def __init__(self, model: nn.Module):
+        cfg = getattr(model, "cfg", None)
+        if not hasattr(model, "hook_dict") or not hasattr(cfg, "d_vocab_out"):
+            raise DynascopeError(f"a {type(model).__name__} is not a TransformerLens HookedTransformer")
+        self.model = model.eval()
+        act = cfg.act_fn or "gelu"
+        self.shape = ModelShape(n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=cfg.d_vocab_out,
+                                context_length=cfg.n_ctx, activation="gelu" if "gelu" in act else act)
+        self.points = {name: (point, "out") for name, point in model.hook_dict.items()}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    @property
+    def output_embeddings(self) -> torch.Tensor:
+        return self.model.W_U.T
+
+    @property
+    def output_bias(self) -> torch.Tensor | None:
+        return self.model.b_U
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.ln_final(h)
+
+    def final_norm_gain(self) -> torch.Tensor:  # LNPre and RMSPre (weights folded) have no gain of their own
+        return getattr(self.model.ln_final, "w", None) or torch.ones(self.shape.d_model, device=self.device)
+
+    def final_norm_bias(self) -> torch.Tensor | None:
+        return getattr(self.model.ln_final, "b", None)
+
+    def mlp_in(self, layer: int) -> torch.Tensor:
+        mlp = self.model.blocks[layer].mlp
+        return getattr(mlp, "W_gate", mlp.W_in).T
+
+    def mlp_values(self, layer: int) -> torch.Tensor:
+        return self.model.blocks[layer].mlp.W_out
+
+    def mlp_out_bias(self, layer: int) -> torch.Tensor | None:
+        return self.model.blocks[layer].mlp.b_out
+
+
+def view_of(model: nn.Module | ModelView) -> ModelView:
+    """The view of dynascope's `Transformer`, a Hugging Face causal LM or a TransformerLens `HookedTransformer`."""
+    if isinstance(model, ModelView):
+        return model
+    if isinstance(model, Transformer):
+        return TransformerView(model)
+    if hasattr(model, "hook_dict") and hasattr(model, "W_U"):
+        return LensView(model)
+    if hasattr(getattr(model, "config", None), "model_type"):
+        return HFModelView(model)
+    raise DynascopeError(f"a {type(model).__name__} is not a model dynascope can view: give dynascope's Transformer, "
+                         "a transformers causal LM or a TransformerLens HookedTransformer")

@@ -75,6 +75,10 @@ class Vocab(Analysis):
     headline = "vocab/saturation_layer_mean"
     title = "FFN sub-updates in vocabulary space"
     paper = "Geva et al. 2022"
+    paper_url = "https://arxiv.org/abs/2203.14680"
+    signature = ("the prediction settles before the last layer, as FFN sub-updates promote its token (an oracle exit "
+                 "saves a share of the layers above its threshold)")
+    signature_event = "vocab/saturation"
     expectation = ("Scores e_w · m_i v_i of the 10 dominant FFN sub-updates. The paper: the promoted token scores far "
                    "above the eliminated ones, whose mean is ≈ 0, and random sub-updates score ≈ 0; an early exit "
                    "rule saves ~20% of layers at ~95% accuracy.")

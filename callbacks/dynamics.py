@@ -11,6 +11,7 @@ time it spends (`seconds`) is left out of the training throughput (callbacks/thr
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -110,11 +111,12 @@ class DynamicsCallback(OnSchedule):
         pl_module.eval()
         shown = trainer.is_global_zero and trainer.progress_bar_callback is not None \
             and trainer.progress_bar_callback.is_enabled
+        # on the training bar's stream (stdout), each stage shown as it starts: a long measurement is never silent
         with tqdm(total=stage_count(self.analyses, len(self.probe), self.batch_size), desc=f"analysing step {step}",
-                  leave=False, disable=not shown) as bar:
+                  leave=False, disable=not shown, file=sys.stdout) as bar:
             record = measure(self.view, self.analyses, self.probe, step, float(pl_module.tokens_seen(step)),
                              self.batch_size, first_window=self.first_window,
-                             progress=lambda stage: (bar.set_postfix_str(stage, refresh=False), bar.update()))
+                             progress=lambda stage: (bar.set_postfix_str(stage), bar.update()))
         pl_module.train(was_training)
         seconds = time.perf_counter() - start
         self.seconds += seconds

@@ -1,5 +1,26 @@
 """dynascope: pretrain small transformers and measure when interpretability phenomena emerge.
 
-Subpackages: `dynascope.train` (models, data, Lightning pretraining, CLI), `dynascope.analysis`
-(pure-torch analyses and the offline runner), `dynascope.callbacks` (Lightning adapters).
+From a notebook (pandas needed):
+
+    import dynascope
+    frame = dynascope.measure(model, probe=tokens, analyses="sparsity,outliers")  # one row per step
+    run = dynascope.load_run("runs/demo")  # run.metrics, run.summary, run.onsets
+
+`model` is dynascope's `Transformer`, a transformers causal LM or a TransformerLens `HookedTransformer`
+(or a dict of them by step). The command line is `dynascope --help`. The package's floors, bottom up:
+`core` (model, data, run files), `analysis` (the analyses, pure torch), `outputs` (where records go),
+`pages` (plots and HTML), `train` and `callbacks` (Lightning), then the commands.
 """
+
+from dynascope.core.version import __version__
+
+__all__ = ["__version__", "load_run", "measure"]
+
+
+def __getattr__(name: str):
+    """`measure` and `load_run`, imported on first use: `import dynascope` (and the CLI) stays fast."""
+    if name in ("measure", "load_run", "Run"):
+        from dynascope import notebook
+
+        return getattr(notebook, name)
+    raise AttributeError(f"module 'dynascope' has no attribute {name!r}")

@@ -5,13 +5,13 @@ The records go to `RUN_DIR/analysis/` (or `--out`): metrics.csv, summary.json an
 asked for (`--wandb` adds the wandb output, `--outputs` any other). A replay can run as several processes
 (`--devices`) or as Slurm array tasks (`--shard I/N`), each into `shards/I-of-N/`; `merge` records the shards'
 rows and tables in the one table and recomputes the summary events over the whole history. Unless
-`--no-plot`, the run's plots and report page are drawn at the end and handed to the outputs.
+`--no_plot`, the run's plots and report page are drawn at the end and handed to the outputs.
 
 A replay measures only the checkpoints not recorded yet (`recorded`: a metrics row and the print written after
 it), unless `--redo`, so a killed replay continues. Every process writes each recorded checkpoint's print; at
 the end (or at the merge) the integrity record is computed over all of them, its flagged checkpoints warned
 about, and the summary events rebuilt from the onsets tables of the whole history, the flagged checkpoints
-left out unless `--keep-flagged`.
+left out unless `--keep_flagged`.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def _conclude(request: AnalyzeRequest, files: RecordFiles, recorder: Recorder) -
     rows = integrity_rows(load_prints(files))
     write_integrity(files, rows)
     bad = flagged(rows)
-    warn_flagged(rows, "kept in the onsets (--keep-flagged)" if request.keep_flagged else "left out of the onsets")
+    warn_flagged(rows, "kept in the onsets (--keep_flagged)" if request.keep_flagged else "left out of the onsets")
     if files.shape.exists():
         shape = ModelShape(**read_json(files.shape, "model shape"))
         tables = {key: read_table(path) for key, path in files.table_files().items()}

@@ -1,18 +1,19 @@
 """The `dynascope` command.
 
-    dynascope fit --config configs/tiny-relu.yaml [--trainer.max_steps N] [--trainer.default_root_dir DIR]
+    dynascope fit --config tiny-relu [--trainer.max_steps N] [--trainer.default_root_dir DIR]
     dynascope prepare --config CONFIG
-    dynascope batch --run RUN_DIR --step N [--rank R] [--micro M]
+    dynascope batch RUN_DIR --step N [--rank R] [--micro M]
     dynascope analyze RUN_DIR [--analyses ...] [--steps ...] | --hf MODEL_DIR|REPO@REVISION ... --out OUT_DIR
     dynascope export RUN_DIR (--step N | --all) OUT_DIR [--push REPO_ID]
-    dynascope plot RUN_DIR
+    dynascope plot RUN_DIR [--out DIR]
     dynascope report RUN_DIR [--out DIR]
     dynascope sync RUN_DIR [--project P]
     dynascope sweep --config CONFIG --grid "KEY=V1,V2 ..." --out SWEEP_DIR [--slurm] [fit arguments]
     dynascope compare DIR ... --out OUT_DIR
     dynascope verify RUN_DIR | MODEL_DIR|REPO@REVISION ... --out OUT_DIR
 
-Only `fit` imports Lightning; the other commands load what they need when they run.
+Every command parses its arguments before it imports anything heavy (torch, Lightning), so `--help` and
+argument errors answer at once; options are --snake_case throughout, as `fit`'s (LightningCLI's) are.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import sys
 from pathlib import Path
 
 from dynascope.core.errors import DynascopeError, Interrupted
+from dynascope.core.presets import preset, preset_names
 from dynascope.core.runfiles import RunFiles
 
 COMMANDS = {
-    "fit": "pretrain a model, snapshotting and analysing it on a schedule (`dynascope fit --help`: every option)",
+    "fit": "pretrain a model, snapshotting and analysing it on a schedule (`dynascope fit --help_all`: every option)",
     "prepare": "tokenize a config's corpus once, e.g. before a cluster job",
     "batch": "print the text a training step saw",
     "analyze": "replay analyses over a run's snapshots or over Hugging Face checkpoints",
@@ -60,6 +62,20 @@ def _steps(text: str) -> list[int]:
     return steps
 
 
+def _directory(text: str) -> str:
+    """argparse type of a run (or output) directory to read: one that exists, checked before anything heavy loads."""
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such directory")
+    return text
+
+
+def _checkpoints(text: str) -> str:
+    """argparse type of a checkpoint list item: a directory, or a hub revision REPO@REVISION."""
+    if "@" not in text and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: no such directory (a hub checkpoint is REPO_ID@REVISION)")
+    return text
+
+
 def _shard(text: str) -> tuple[int, int]:
     """argparse type of --shard: I/N with 0 <= I < N."""
     try:
@@ -85,25 +101,25 @@ def _json_options(text: str) -> dict:
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    return ("usage: dynascope COMMAND [options]\n\nTrack when interpretability phenomena emerge during "
+    return ("usage: dynascope [--version] COMMAND [options]\n\nTrack when interpretability phenomena emerge during "
             "language-model pretraining.\n\ncommands:\n" + "\n".join(lines) + "\n\n`dynascope COMMAND --help` "
             "describes a command's options.")
 
 
 def _prepare(argv: list[str]) -> None:
+    p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"],
+                epilog="Any other arguments are `dynascope fit` arguments: the --data.* ones apply, the rest are "
+                       "ignored, so a job script can pass the same arguments to both.")
+    p.add_argument("--config", required=True, help=f"a YAML file, or a preset: {', '.join(preset_names())}")
+    a, rest = p.parse_known_args(argv)
     from jsonargparse import ArgumentParser
 
     from dynascope.core.data import DataConfig, prepare_corpus
     from dynascope.core.io import read_yaml
 
-    p = _Parser(prog="dynascope prepare", description=COMMANDS["prepare"],
-                epilog="Any other arguments are `dynascope fit` arguments: the --data.* ones apply, the rest are "
-                       "ignored, so a job script can pass the same arguments to both.")
-    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
-    a, rest = p.parse_known_args(argv)
     data = ArgumentParser(exit_on_error=False)
     data.add_class_arguments(DataConfig, "data")
-    section = (read_yaml(a.config).get("data") or {})
+    section = (read_yaml(preset(a.config)).get("data") or {})
     known = {k: v for k, v in section.items() if k in DataConfig.__dataclass_fields__}
     config = data.parse_args(["--data", json.dumps(known), *_data_arguments(rest)])
     print(prepare_corpus(data.instantiate(config).data))
@@ -121,26 +137,22 @@ def _data_arguments(argv: list[str]) -> list[str]:
 
 
 def _batch(argv: list[str]) -> None:
-    from dynascope.core.data import batch_text
-
     p = _Parser(prog="dynascope batch", description=COMMANDS["batch"])
-    p.add_argument("--run", required=True, help="run directory (trainer.default_root_dir of `dynascope fit`)")
+    p.add_argument("run", type=_directory, help="run directory (trainer.default_root_dir of `dynascope fit`)")
     p.add_argument("--step", type=int, required=True, help="global step (0-based optimizer step)")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--micro", type=int, default=0, help="micro-batch index under gradient accumulation")
     a = p.parse_args(argv)
+    from dynascope.core.data import batch_text
+
     for i, text in enumerate(batch_text(a.run, a.step, a.rank, a.micro)):
         print(f"--- window {i} ---\n{text}")
 
 
 def _analyze(argv: list[str]) -> None:
-    import torch
-
-    from dynascope import analyze as driver
-
     p = _Parser(prog="dynascope analyze", description=COMMANDS["analyze"])
-    p.add_argument("run", nargs="?", help="run directory of `dynascope fit`")
-    p.add_argument("--hf", nargs="+", metavar="MODEL",
+    p.add_argument("run", nargs="?", type=_directory, help="run directory of `dynascope fit`")
+    p.add_argument("--hf", nargs="+", metavar="MODEL", type=_checkpoints,
                    help="Hugging Face checkpoints instead: local model directories, or hub revisions REPO@REVISION "
                         "(e.g. EleutherAI/pythia-160m@step1000; REPO@pythia-schedule: Pythia's 154 step branches), "
                         "read from the local HF cache when offline")
@@ -149,27 +161,27 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
     p.add_argument("--probe", metavar="FILE", help="with --hf: these probe windows (e.g. RUN_DIR/probe.safetensors)")
     p.add_argument("--counts", metavar="FILE", help="with --hf: these training token counts (e.g. RUN_DIR/counts.npy)")
-    p.add_argument("--tokens-per-step", type=int, metavar="N",
+    p.add_argument("--tokens_per_step", type=int, metavar="N",
                    help="with --hf: tokens_seen = step × N (Pythia: 2097152)")
     p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
     p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
-    p.add_argument("--batch-size", type=int, help="probe batch size (default: the run's, else 16)")
+    p.add_argument("--batch_size", type=int, help="probe batch size (default: the run's, else 16)")
     p.add_argument("--options", type=_json_options,
                    help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
     p.add_argument("--outputs", type=_json_options, default={},
                    help='outputs besides metrics.csv, summary.json and tables/, as JSON, e.g. \'{"parquet": {}}\'')
-    p.add_argument("--no-plot", action="store_true", help="skip the plots and the report page (draw them later "
+    p.add_argument("--no_plot", action="store_true", help="skip the plots and the report page (draw them later "
                                                           "with `dynascope plot` and `dynascope report`)")
     p.add_argument("--wandb", action="store_true", help="record to wandb too (offline without a key): a run's "
                                                         "analysis goes into its training run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", help="where to measure (default: cuda if there is a GPU, else cpu)")
     p.add_argument("--devices", type=int, default=1,
                    help="worker processes sharing the checkpoints (on as many GPUs with --device cuda), merged")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="only shard I of N (a Slurm array task); then --merge")
     p.add_argument("--merge", action="store_true", help="merge the shards written by --shard into one table")
     p.add_argument("--redo", action="store_true", help="measure every checkpoint again (default: only those not "
                                                        "recorded yet, so a killed replay continues)")
-    p.add_argument("--keep-flagged", action="store_true",
+    p.add_argument("--keep_flagged", action="store_true",
                    help="judge onsets on checkpoints the integrity record flags too (default: leave them out)")
     a = p.parse_args(argv)
     if bool(a.hf) == bool(a.run):
@@ -177,14 +189,19 @@ def _analyze(argv: list[str]) -> None:
     if a.hf and not a.out:
         p.error("--hf needs --out OUT_DIR")
     if not a.hf and (a.probe or a.counts or a.tokens_per_step):
-        p.error("--probe, --counts and --tokens-per-step go with --hf (a run has its own)")
+        p.error("--probe, --counts and --tokens_per_step go with --hf (a run has its own)")
     if sum([a.devices > 1, a.shard is not None, a.merge]) > 1:
         p.error("--devices, --shard and --merge exclude each other")
+    import torch
+
+    from dynascope import analyze as driver
+
     request = driver.AnalyzeRequest(
         run=a.run, hf=a.hf, out=a.out, labels=a.labels.split(",") if a.labels else None, data=a.data, probe=a.probe,
         counts=a.counts, tokens_per_step=a.tokens_per_step, analyses=a.analyses,
         steps=_steps(a.steps) if a.steps else None, batch_size=a.batch_size, options=a.options,
-        outputs=({"wandb": {}} if a.wandb else {}) | a.outputs, device=a.device, redo=a.redo,
+        outputs=({"wandb": {}} if a.wandb else {}) | a.outputs,
+        device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"), redo=a.redo,
         keep_flagged=a.keep_flagged)
     if a.shard is not None:
         outcome = driver.analyze_shard(request, a.shard)
@@ -200,10 +217,8 @@ def _analyze(argv: list[str]) -> None:
 
 
 def _export(argv: list[str]) -> None:
-    from dynascope.export import export_run, push
-
     p = _Parser(prog="dynascope export", description=COMMANDS["export"])
-    p.add_argument("run", help="run directory of `dynascope fit`")
+    p.add_argument("run", type=_directory, help="run directory of `dynascope fit`")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--step", type=int, help="the snapshot to export, into OUT_DIR")
     which.add_argument("--all", action="store_true", help="every snapshot, into OUT_DIR/stepN")
@@ -213,6 +228,8 @@ def _export(argv: list[str]) -> None:
     p.add_argument("--push", metavar="REPO_ID", help="upload to this hub repo, step N as its branch stepN (Pythia's "
                                                      "layout); needs `hf auth login`")
     a = p.parse_args(argv)
+    from dynascope.export import export_run, push
+
     exports = export_run(a.run, a.out, None if a.all else a.step, a.overwrite)
     for step, path in exports.items():
         print(f"step {step}: {path}")
@@ -222,42 +239,41 @@ def _export(argv: list[str]) -> None:
 
 
 def _sync(argv: list[str]) -> None:
-    from dynascope.pages.publish import sync_run
-
     p = _Parser(prog="dynascope sync", description=COMMANDS["sync"])
-    p.add_argument("run", help="run directory of `dynascope fit`")
+    p.add_argument("run", type=_directory, help="run directory of `dynascope fit`")
     p.add_argument("--project", help="wandb project (default: the run's, from its logger settings)")
     a = p.parse_args(argv)
     if not RunFiles(a.run).wandb_id.is_file():
         raise DynascopeError(f"{a.run} has no wandb_id: it is not the run directory of a `dynascope fit`")
+    from dynascope.pages.publish import sync_run
+
     print(f"wandb run: {sync_run(Path(a.run), a.project)}")
 
 
 def _plot(argv: list[str]) -> None:
+    p = _Parser(prog="dynascope plot", description=COMMANDS["plot"])
+    p.add_argument("run", type=_directory, help="run directory (or --hf output directory of `dynascope analyze`)")
+    p.add_argument("--out", help="where to write the PNGs (default: RUN_DIR/plots)")
+    a = p.parse_args(argv)
     from dynascope.pages.plots import plot_run
 
-    p = _Parser(prog="dynascope plot", description=COMMANDS["plot"])
-    p.add_argument("run", help="run directory (or --hf output directory of `dynascope analyze`)")
-    a = p.parse_args(argv)
-    print(f"overview: {plot_run(a.run)}")
+    print(f"overview: {plot_run(a.run, a.out)}")
 
 
 def _report(argv: list[str]) -> None:
+    p = _Parser(prog="dynascope report", description=COMMANDS["report"])
+    p.add_argument("run", type=_directory, help="run directory, or the --out directory of `dynascope analyze --hf`")
+    p.add_argument("--out", help="where to write index.html and its PNGs (default: RUN_DIR/report)")
+    a = p.parse_args(argv)
     from dynascope.pages.report import write_report
 
-    p = _Parser(prog="dynascope report", description=COMMANDS["report"])
-    p.add_argument("run", help="run directory, or the --out directory of `dynascope analyze --hf`")
-    p.add_argument("--out", help="where to write index.html and its PNGs (default: the analysis's report/)")
-    a = p.parse_args(argv)
     print(f"report: {write_report(a.run, a.out)}")
 
 
 def _sweep(argv: list[str]) -> None:
-    from dynascope.train.sweep import MANIFEST, read_grid, sweep
-
     p = _Parser(prog="dynascope sweep", description=COMMANDS["sweep"], allow_abbrev=False,
                 epilog="Any other arguments are `dynascope fit` arguments, given to every run.")
-    p.add_argument("--config", required=True, help="a YAML preset, e.g. configs/tiny-relu.yaml")
+    p.add_argument("--config", required=True, help=f"a YAML file, or a preset: {', '.join(preset_names())}")
     p.add_argument("--grid", required=True, help='"KEY=V1,V2 KEY=V1,V2 ..." (fit options without dashes; seed sets '
                    'seed_everything and data.seed), e.g. "seed=1,2 model.arch.activation=relu,gelu", or a YAML file '
                    "mapping keys to lists of values")
@@ -266,7 +282,9 @@ def _sweep(argv: list[str]) -> None:
     p.add_argument("--sbatch", default="", help='with --slurm, sbatch options, e.g. --sbatch="--gres=gpu:1 '
                    '--ntasks-per-node=1"')
     a, fit_args = p.parse_known_args(argv)
-    done = sweep(a.config, read_grid(a.grid), a.out, fit_args, a.slurm, shlex.split(a.sbatch))
+    from dynascope.train.sweep import MANIFEST, read_grid, sweep
+
+    done = sweep(preset(a.config), read_grid(a.grid), a.out, fit_args, a.slurm, shlex.split(a.sbatch))
     compare = f"dynascope compare {a.out}/*=*/ --out {a.out}/compare"  # run names hold "="
     if a.slurm:
         print(f"sweep: Slurm array job {done}, its runs listed in {Path(a.out) / MANIFEST}; when it is done: {compare}")
@@ -275,32 +293,32 @@ def _sweep(argv: list[str]) -> None:
 
 
 def _compare(argv: list[str]) -> None:
-    from dynascope.pages.compare import write_compare
-
     p = _Parser(prog="dynascope compare", description=COMMANDS["compare"])
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories and `analyze --hf` output directories")
+    p.add_argument("dirs", nargs="+", metavar="DIR", type=_directory,
+                   help="run directories and `analyze --hf` output directories")
     p.add_argument("--out", required=True, help="where to write index.html and its PNGs")
     a = p.parse_args(argv)
+    from dynascope.pages.compare import write_compare
+
     print(f"compare: {write_compare(a.dirs, a.out)}")
 
 
 def _onsets(argv: list[str]) -> None:
+    p = _Parser(prog="dynascope onsets", description=COMMANDS["onsets"])
+    p.add_argument("run", type=_directory, help="run directory (or the --out directory of `dynascope analyze --hf`)")
+    a = p.parse_args(argv)
     from dynascope.pages.onsets import format_rows, onset_rows, onset_summary
 
-    p = _Parser(prog="dynascope onsets", description=COMMANDS["onsets"])
-    p.add_argument("run", help="run directory (or the --out directory of `dynascope analyze --hf`)")
-    a = p.parse_args(argv)
     rows = onset_rows(onset_summary(a.run), a.run)
     print(format_rows(rows) if rows else f"{a.run}: no onsets yet (measure it: dynascope analyze {a.run})")
 
 
 def _zoom(argv: list[str]) -> None:
-    from dynascope.zoom import bracket, zoom
-
     p = _Parser(prog="dynascope zoom", description=COMMANDS["zoom"],
                 epilog="The zoom is RUN/zoom/A-B, a run directory of its own; the run's files are not touched. "
                        "`dynascope analyze RUN` then includes its points.")
-    p.add_argument("run", help="run directory of `dynascope fit`, with a resume checkpoint at or before --from")
+    p.add_argument("run", type=_directory,
+                   help="run directory of `dynascope fit`, with a resume checkpoint at or before --from")
     p.add_argument("--from", dest="start", type=int, metavar="A", help="the first step of the stretch")
     p.add_argument("--to", dest="end", type=int, metavar="B", help="its last step")
     p.add_argument("--every", type=int, default=1, metavar="K", help="a snapshot every K steps (default: 1)")
@@ -311,6 +329,8 @@ def _zoom(argv: list[str]) -> None:
         p.error("--onset takes the bracket from the run; give it, or --from and --to, not both")
     if not a.onset and (a.start is None or a.end is None):
         p.error("give --from A and --to B, or --onset EVENT")
+    from dynascope.zoom import bracket, zoom
+
     start, end = bracket(RunFiles(a.run), a.onset) if a.onset else (a.start, a.end)
     zoomed = zoom(a.run, start, end, a.every)
     print(f"zoom: {zoomed.root} (steps {start}-{end} every {a.every}); measure it with the run: "
@@ -318,16 +338,16 @@ def _zoom(argv: list[str]) -> None:
 
 
 def _verify(argv: list[str]) -> None:
-    from dynascope.verify import verify
-
     p = _Parser(prog="dynascope verify", description=COMMANDS["verify"],
                 epilog="Writes integrity.csv (fingerprint, distances to the first, previous and last checkpoint, "
                        "flags) into RUN_DIR/analysis/ or --out, and one warning per flagged checkpoint.")
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINTS",
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINTS", type=_checkpoints,
                    help="a run directory, or Hugging Face model directories and hub revisions REPO@REVISION")
     p.add_argument("--out", help="where the integrity record of Hugging Face checkpoints goes")
     p.add_argument("--labels", help="comma-separated labels of the Hugging Face checkpoints, in order")
     a = p.parse_args(argv)
+    from dynascope.verify import verify
+
     files, rows, skipped = verify(a.checkpoints, a.out, a.labels.split(",") if a.labels else None)
     print(f"integrity: {files.integrity_csv} ({len(rows)} checkpoints, {sum(bool(r['flags']) for r in rows)} "
           "flagged)")
@@ -336,13 +356,45 @@ def _verify(argv: list[str]) -> None:
         sys.exit(1)
 
 
+FIT_USAGE = """usage: dynascope fit --config CONFIG [--SECTION.OPTION VALUE ...] [--ckpt_path last|auto|PATH]
+
+{description}
+
+  --config CONFIG     a YAML file, or a preset: {presets}
+  --ckpt_path last    resume the run in trainer.default_root_dir (auto: resume if it has a checkpoint, else start)
+  --print_config      print the resolved configuration and exit
+  --report false      leave out the plots and the report page at the end
+  --start_over true   start a new run in a directory that holds one, moving the old run aside
+
+Every option of each section can be set in the YAML or as --SECTION.OPTION:
+  --model.*           the architecture (--model.arch.n_layers, .d_model, .activation, ...), the optimizer (--model.lr)
+  --data.*            the corpus, tokenizer and batches (--data.source, --data.batch_size, ...)
+  --trainer.*         Lightning's Trainer (--trainer.max_steps, --trainer.default_root_dir, --trainer.devices, ...)
+  --snapshots.*       the snapshot schedule
+  --checkpoints.*     the resume checkpoints
+  --dynamics.*        the analyses measured while training (--dynamics.analyses, --dynamics.options)
+  --outputs           where the record goes besides the run directory (wandb, parquet)
+  --seed_everything   the seed
+
+  --help_all          every option with its documentation (loads Lightning: a few seconds)"""
+
+
 def _fit(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(FIT_USAGE.format(description=COMMANDS["fit"].split(" (")[0], presets=", ".join(preset_names())))
+        return
+    args = ["--help" if a == "--help_all" else a for a in argv[1:]]
+    for i, a in enumerate(args):  # a preset by name; jsonargparse reads the file
+        if a == "--config" and i + 1 < len(args):
+            args[i + 1] = preset(args[i + 1])
+        elif a.startswith("--config="):
+            args[i] = "--config=" + preset(a.split("=", 1)[1])
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from dynascope.train.cli import fit_cli
 
     try:
-        fit_cli(argv[1:])
+        fit_cli(args)
     except SIGTERMException:  # Lightning ends a SIGTERM'd run with a plain SystemExit (status 0)
         raise Interrupted("training stopped by SIGTERM; resume with --ckpt_path last", 128 + 15) from None
 
@@ -351,6 +403,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return
+    if argv[0] == "--version":
+        from dynascope import __version__
+
+        print(f"dynascope {__version__}")
         return
     if argv[0] not in COMMANDS:
         print(f"dynascope: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)

@@ -4,12 +4,16 @@ Our `Transformer` with a LayerNorm and a GELU or ReLU MLP computes what `GPT2LMH
 the same pre-LN block, fused q/k/v projection and learned positions. The weights are transposed into
 GPT-2's Conv1D layout ([in, out]); a model without biases gets zero biases; the activation is HF's
 "gelu" (the exact erf GELU of `F.gelu`; "gelu_new" is GPT-2's tanh approximation) or "relu". Each
-export is a directory `AutoModelForCausalLM` and `AutoTokenizer` load, with the run's tokenizer and
-its end-of-document token as EOS. Pushed to the hub, step N is the branch `stepN`, as in Pythia.
+export is a directory that `AutoModelForCausalLM`, `AutoTokenizer` and `pipeline` load on transformers 4
+and 5: the run's tokenizer as a `PreTrainedTokenizerFast` (the class both majors know) with its
+end-of-document token as EOS and padding, a generation config that stops at the context length, and a
+model card (README.md) with the run's config, the step, the tokens seen and where the run is. Files get
+the user's umask's mode. Pushed to the hub, step N is the branch `stepN`, as in Pythia.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -20,7 +24,7 @@ import torch
 
 from dynascope.core.data import EOS, load_tokenizer
 from dynascope.core.errors import DynascopeError, first_line, require
-from dynascope.core.io import read_yaml
+from dynascope.core.io import fsync_dir, read_yaml, settle
 from dynascope.core.model import ModelConfig
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.snapshots import load_snapshot, read_manifest
@@ -88,10 +92,14 @@ def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path, overwri
                              n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_mlp,
                              activation_function=cfg.activation, layer_norm_epsilon=1e-5,  # as train/model.py
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                             tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id)
+                             tie_word_embeddings=cfg.tie_embeddings, bos_token_id=eos_id, eos_token_id=eos_id,
+                             pad_token_id=eos_id)
     model = t.GPT2LMHeadModel(hf_config)
     model.load_state_dict(gpt2_weights(cfg, load_snapshot(run_dir, step)), strict=True)
-    tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run.tokenizer), eos_token=eos,
+    # generation past the learned positions would index beyond them: stop at the context length
+    model.generation_config = t.GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+                                                 max_length=cfg.context_length)
+    tokenizer = t.PreTrainedTokenizerFast(tokenizer_file=str(run.tokenizer), eos_token=eos, pad_token=eos,
                                           model_max_length=cfg.context_length)
     # written beside the target, then each file renamed into it: an interrupted export leaves no half file
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -99,12 +107,38 @@ def export_snapshot(run_dir: str | Path, step: int, out_dir: str | Path, overwri
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        settings = tmp / "tokenizer_config.json"  # transformers 5 names its own backend, which 4.x cannot load
+        fast = json.loads(settings.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}
+        settings.write_text(json.dumps(fast, indent=2))
+        model_card(run, config, step).save(tmp / "README.md")
         out_dir.mkdir(exist_ok=True)
         for path in tmp.iterdir():
+            settle(path)
             os.replace(path, out_dir / path.name)
+        fsync_dir(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def model_card(run: RunFiles, config: dict, step: int):
+    """The export's model card: what the checkpoint is (step, tokens seen), the run it comes from, its config."""
+    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
+
+    entry = read_manifest(run.root)[step]
+    arch = config["model"]["arch"]
+    wandb = run.wandb_id.read_text().strip() if run.wandb_id.exists() else None
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=["dynascope", "gpt2"])
+    text = "\n".join([
+        f"---\n{data.to_yaml()}\n---", "", f"# {run.root.resolve().name}, step {step}", "",
+        f"A snapshot of a dynascope pretraining run: a {arch['n_layers']}-layer {arch['activation']} transformer "
+        f"(d_model {arch['d_model']}, context {arch['context_length']}) at step {step}, after "
+        f"{entry.get('tokens_seen', float('nan')):,.0f} training tokens, exported as a GPT-2 checkpoint.", "",
+        f"- run directory: `{run.root.resolve()}`", f"- wandb run id: `{wandb}`" if wandb else "- wandb: none",
+        f"- snapshot sha256: `{entry['sha256']}`", "", "## Run config", "", "```yaml",
+        yaml.safe_dump(config, sort_keys=False).strip(), "```", ""])
+    return ModelCard(text)
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None,

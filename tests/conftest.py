@@ -53,7 +53,7 @@ def tiny_run(tmp_path_factory, corpus_file) -> Path:
 
     run = tmp_path_factory.mktemp("tiny") / "run"
     main(tiny_args(corpus_file, run, 7))
-    main(["analyze", str(run), "--no-plot"])
+    main(["analyze", str(run), "--no_plot"])
     return run
 
 

@@ -76,6 +76,7 @@ def test_compare_draws_the_seed_pair_as_one_band(swept):
     ax = figures["basic"].axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert set(lines) == {"activation=relu (2 seeds)", "activation=gelu, seed=1"}
+    assert ax.get_ylabel() == "probe loss"  # every panel says what its y axis is
     assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 1  # one band: the seed pair's
     losses = [{r["trainer/global_step"]: r["basic/probe_loss"] for r in read_metrics(run) if "basic/probe_loss" in r}
               for run in runs]
@@ -111,6 +112,13 @@ def test_the_compare_page_holds_each_runs_events_and_the_spread_over_seeds(swept
     cells = re.findall(r"<tr class='(?:group|run)'><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", page)
     assert cells[:2] == [("activation=relu (2 seeds)", "8 (1 of 2)", "4–6"), ("activation=relu, seed=1", "none", "4")]
     assert page.count("data:image/png;base64,") == len(list(index.parent.glob("*.png"))) == 3
+    assert "<h1>dynascope compare: 3 runs, 2 settings (the seeds of each drawn together)</h1>" in page
+    main(["compare", *map(str, runs[:2]), "--out", str(tmp_path / "pair")])
+    pair = (tmp_path / "pair" / "index.html").read_text()
+    assert "<h1>dynascope compare: 2 runs, the seeds of one setting</h1>" in pair
+    with pytest.raises(SystemExit) as exit_info:  # one run given twice is not a group of two seeds
+        main(["compare", str(runs[0]), f"{runs[0]}/", "--out", str(tmp_path / "twice")])
+    assert exit_info.value.code == 2 and "are the same run; give each run once" in capsys.readouterr().err
 
 
 def test_an_analyze_hf_directory_is_named_by_its_directory_and_drawn_by_step(swept, tmp_path):

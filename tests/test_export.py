@@ -126,7 +126,7 @@ def test_exported_run_analyzes_as_the_run(tiny_run, tmp_path):
     options = '{"regions": {"pairs_per_window": 1}, "sparsity": {"dead_min_tokens": 256}}'  # as the run's config
     exports = sorted(str(tmp_path / "hf" / f"step{s}") for s in steps)  # as a shell glob gives them: step0 step1 ...
     main(["analyze", "--hf", *exports, "--out", str(tmp_path / "out"), "--probe", str(RunFiles(tiny_run).probe),
-          "--counts", str(RunFiles(tiny_run).counts), "--tokens-per-step", "128", "--options", options, "--no-plot"])
+          "--counts", str(RunFiles(tiny_run).counts), "--tokens_per_step", "128", "--options", options, "--no_plot"])
     native = {int(r["step"]): r for r in read_csv(RunFiles(tiny_run).analysis.metrics_csv)}
     exported = {int(r["step"]): r for r in read_csv(tmp_path / "out" / "metrics.csv")}
     assert sorted(exported) == steps
@@ -168,3 +168,51 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "mine" and (out / "step0" / "config.json").is_file()
     with pytest.raises(DynascopeError, match="step0 is not empty"):  # every target checked before any is written
         export_run(tmp_path / "run", out)
+
+
+LOAD_AND_GENERATE = """
+import json, os, stat, sys
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline, set_seed
+path, eos, context = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model, tokenizer = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+assert tokenizer.pad_token == eos and tokenizer.eos_token == eos, (tokenizer.pad_token, tokenizer.eos_token)
+assert model.generation_config.max_length == context and model.generation_config.pad_token_id == tokenizer.eos_token_id
+generate = pipeline("text-generation", model=model, tokenizer=tokenizer)
+lengths = []
+for seed in range(20):
+    set_seed(seed)
+    ids = generate("The cat", do_sample=True, return_tensors=True)[0]["generated_token_ids"]
+    lengths.append(len(ids))
+modes = {oct(stat.S_IMODE(os.stat(os.path.join(path, f)).st_mode)) for f in os.listdir(path)}
+print(json.dumps({"version": transformers.__version__, "lengths": lengths, "modes": sorted(modes)}))
+"""
+
+
+@pytest.mark.parametrize("major", [4, 5])
+def test_exports_load_and_generate_on_both_transformers_majors(tmp_path, major):
+    """transformers 4.x runs from .tf4 (the Makefile installs it beside the venv's 5.x)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tf4 = Path(__file__).parents[1] / ".tf4"
+    assert major == 5 or tf4.is_dir(), "transformers 4.x is missing: run `make install`"
+    make_run(tmp_path / "run")
+    old_mask = os.umask(0o027)  # a group-readable umask: every exported file follows it
+    try:
+        main(["export", str(tmp_path / "run"), "--step", "3", str(tmp_path / "hf")])
+    finally:
+        os.umask(old_mask)
+    env = os.environ | ({"PYTHONPATH": str(tf4)} if major == 4 else {})
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(tmp_path / "hf"), EOS, "24"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["version"].startswith(f"{major}.")
+    assert len(result["lengths"]) == 20 and max(result["lengths"]) <= 24  # generation stops at the context
+    assert result["modes"] == ["0o640"]
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "step 3, after 300 training tokens" in card and str((tmp_path / "run").resolve()) in card
+    assert "library_name: transformers" in card and "n_layers: 2" in card

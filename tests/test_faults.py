@@ -139,8 +139,8 @@ def test_one_definition_of_tokens_seen_in_every_row(tiny_run):
 
 def test_analysing_again_or_in_part_keeps_one_value_per_step_and_key(run, capsys):
     full = {r["step"]: r for r in read_csv(RunFiles(run).analysis.metrics_csv)}
-    main(["analyze", str(run), "--no-plot", "--redo"])  # everything measured again
-    main(["analyze", str(run), "--steps", "4", "--analyses", "basic", "--no-plot", "--redo"])
+    main(["analyze", str(run), "--no_plot", "--redo"])  # everything measured again
+    main(["analyze", str(run), "--steps", "4", "--analyses", "basic", "--no_plot", "--redo"])
     again = read_csv(RunFiles(run).analysis.metrics_csv)
     assert [r["step"] for r in again] == sorted(full)  # merged: every step still there, once
     for row in again:
@@ -211,6 +211,6 @@ def test_a_snapshot_of_another_trajectory_is_named_and_left_out(run, capsys):
     rows[3]["trajectory_hash"] = "0123456789abcdef"  # step 4, as if another trajectory had written it
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(SystemExit) as exit_info:
-        main(["analyze", str(run), "--no-plot", "--redo"])
+        main(["analyze", str(run), "--no_plot", "--redo"])
     assert exit_info.value.code == 1 and "step_00000004.safetensors belongs to another trajectory" in \
         capsys.readouterr().err

@@ -39,8 +39,8 @@ def hub_cache(tmp_path, monkeypatch, corpus_file):
 
 
 def test_analyze_reads_hub_revisions_from_the_cache(hub_cache, corpus_file, tmp_path):
-    main(["analyze", "--hf", "org/tiny@step2", "org/tiny@step1", "--tokens-per-step", "1000", "--analyses", "basic",
-          "--data", str(corpus_file), "--out", str(tmp_path / "out"), "--no-plot"])
+    main(["analyze", "--hf", "org/tiny@step2", "org/tiny@step1", "--tokens_per_step", "1000", "--analyses", "basic",
+          "--data", str(corpus_file), "--out", str(tmp_path / "out"), "--no_plot"])
     rows = read_csv(tmp_path / "out" / "metrics.csv")
     assert [(r["step"], r["label"], r["tokens_seen"]) for r in rows] == [(1, "step1", 1000), (2, "step2", 2000)]
     for row, commit in zip(rows, ("1", "2"), strict=True):  # each row measured that revision's weights

@@ -84,7 +84,7 @@ def test_appending_to_the_metrics_log_does_not_read_it(tmp_path, monkeypatch):
 
 def test_the_parquet_output_holds_the_offline_table(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
-    main(["analyze", str(run), "--no-plot", "--outputs", '{"parquet": {}}', "--redo"])
+    main(["analyze", str(run), "--no_plot", "--outputs", '{"parquet": {}}', "--redo"])
     files = RunFiles(run).analysis
     table = pq.read_table(files.metrics_parquet).to_pylist()
     rows = read_csv(files.metrics_csv)

@@ -49,7 +49,7 @@ def test_the_example_analysis_registers_measures_and_carries(entropy):
 def test_the_example_analysis_appears_on_the_report_and_compare_pages(entropy, tiny_run, tmp_path):
     run, other = copy_run(tiny_run, tmp_path / "a"), copy_run(tiny_run, tmp_path / "b")
     for directory in (run, other):
-        main(["analyze", str(directory), "--analyses", "basic,entropy", "--no-plot"])
+        main(["analyze", str(directory), "--analyses", "basic,entropy", "--no_plot"])
     main(["report", str(run)])
     page = (RunFiles(run).report / "index.html").read_text()
     assert "<h2>entropy</h2>" in page and "alt='entropy_0'" in page  # its section, with its headline curve

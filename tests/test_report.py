@@ -6,6 +6,7 @@ import re
 from helpers import copy_run
 from matplotlib.figure import Figure
 
+import dynascope
 from dynascope.analysis import REGISTRY
 from dynascope.analysis.figures import RunPlot, changes
 from dynascope.cli import main
@@ -53,3 +54,51 @@ def test_panels_that_never_change_or_have_too_few_points_are_left_out(tiny_run):
     fig = RunPlot.row([drawn, lambda ax: False, drawn])
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert RunPlot.row([lambda ax: False]) is None
+
+
+def verdicts(page: str) -> dict[str, str]:
+    """{paper: the verdict line} of the signatures table."""
+    section = page.split("<h2>The papers' signatures</h2>", 1)[1].split("<h2>", 1)[0]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", section)]
+    return {re.sub(r"<.*?>", "", cells[0]): html.unescape(cells[2]) for cells in rows if cells}
+
+
+def test_the_page_says_whether_the_run_shows_each_signature(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    write_json(RunFiles(run).analysis.summary, {"outliers/emergence_step": 4.0, "frequency/encoded_step": None,
+                                                "regions/sharpening_step": None})
+    main(["report", str(run)])
+    page = (RunFiles(run).report / "index.html").read_text()
+    history = RunHistory.load(run)
+    score = history.row_at(4)["outliers/score_max"]
+    lines = verdicts(page)
+    assert lines["Macocco et al. 2025"] == ("This run shows it: outliers/emergence at step 4, where "
+                                            f"outliers/score_max (threshold 1) is {score:.3g}.")
+    r2 = history.rows[-1]["frequency/r2_corpus"]
+    assert lines["Cho et al. 2025"] == (
+        f"This run does not show it: frequency/r2_corpus (threshold 0.5) is {r2:.3g} at the last checkpoint, step 7, "
+        f"and no onset in its {len(history.rows)} checkpoints.")
+    assert "href='https://arxiv.org/abs/2503.21718'" in page and "href='https://arxiv.org/abs/2203.14680'" in page
+    assert f"drawn by dynascope {dynascope.__version__}" in page and "<summary>config</summary>" in page
+    assert "alt='training_loss'" in page and (RunFiles(run).report / "training_loss.png").stat().st_size > 5000
+    wandb_id = RunFiles(run).wandb_id.read_text().strip()
+    assert f"wandb run {wandb_id} (offline" in page
+    # a run still short of its last step cannot yet show what it has not shown
+    config = RunFiles(run).config
+    config.write_text(config.read_text().replace("max_steps: 7", "max_steps: 700"))
+    RunFiles(run).wandb_url.write_text("https://wandb.ai/team/dynascope/runs/" + wandb_id)
+    main(["report", str(run)])
+    page = (RunFiles(run).report / "index.html").read_text()
+    assert verdicts(page)["Cho et al. 2025"].startswith("This run cannot yet show it: ")
+    assert verdicts(page)["Cho et al. 2025"].endswith("short of the run's 700 steps.")
+    assert f"<a href='https://wandb.ai/team/dynascope/runs/{wandb_id}'>" in page
+
+
+def test_one_page_per_run_redrawn_by_analyze(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    index = RunFiles(run).report / "index.html"
+    index.parent.mkdir()
+    index.write_text("the page of an earlier fit")
+    main(["analyze", str(run), "--steps", "0,7", "--redo"])
+    assert "The papers' signatures" in index.read_text() and "frequency/dist_to_final" in RunHistory.load(run).rows[-1]
+    assert not (RunFiles(run).analysis.root / "report").exists()  # no second page inside analysis/

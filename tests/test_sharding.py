@@ -50,11 +50,11 @@ def test_sharded_replay_equals_the_one_process_replay(how, tiny_run, tmp_path, c
     one = outputs(run / "analysis")
     shutil.rmtree(run / "analysis")
     if how == "devices":
-        main(["analyze", str(run), "--devices", "2", "--no-plot"])
+        main(["analyze", str(run), "--devices", "2", "--no_plot"])
     else:  # as Slurm array tasks, then a merge
         for i in range(3):
-            main(["analyze", str(run), "--shard", f"{i}/3", "--no-plot"])
-        main(["analyze", str(run), "--merge", "--no-plot"])
+            main(["analyze", str(run), "--shard", f"{i}/3", "--no_plot"])
+        main(["analyze", str(run), "--merge", "--no_plot"])
     assert not (run / "analysis" / "shards").exists()
     assert_same(one, outputs(run / "analysis"))
 

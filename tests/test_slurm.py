@@ -112,13 +112,13 @@ def test_an_array_job_analysis_merges_into_the_one_process_table(slurm, tmp_path
                    capture_output=True)
     one = tmp_path / "one"
     shutil.copytree(run, one)
-    subprocess.run([str(Path(sys.executable).parent / "dynascope"), "analyze", str(one), "--no-plot"], check=True,
+    subprocess.run([str(Path(sys.executable).parent / "dynascope"), "analyze", str(one), "--no_plot"], check=True,
                    capture_output=True)
     sbatch = ["sbatch", "--parsable", "--gres=none", "--cpus-per-task=1", f"--output={tmp_path}/analyze-%A_%a.out"]
     array = subprocess.run([*sbatch, "--array=0-2", "slurm/analyze.sbatch", str(run)], cwd=REPO, env=slurm,
                            capture_output=True, text=True, check=True).stdout.strip()
     merge = subprocess.run([*sbatch, f"--dependency=afterok:{array}", "slurm/analyze.sbatch", str(run), "--merge",
-                            "--no-plot"], cwd=REPO, env=slurm, capture_output=True, text=True, check=True)
+                            "--no_plot"], cwd=REPO, env=slurm, capture_output=True, text=True, check=True)
     merge = merge.stdout.strip()
     wait_for(lambda: job(slurm, merge).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the merge")
     assert job(slurm, merge)["JobState"] == "COMPLETED", [p.read_text() for p in tmp_path.glob("analyze-*.out")]

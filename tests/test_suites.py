@@ -70,7 +70,7 @@ def test_a_planted_suite_is_flagged_and_its_onsets_skip_the_flagged_branches(exp
     assert {r["step"]: r["flags"].split(":")[0] for r in verified if r["flags"]} == expected
 
     args = ["analyze", "--hf", *names, "--probe", str(RunFiles(tiny_run).probe), "--counts",
-            str(RunFiles(tiny_run).counts), "--options", OPTIONS, "--no-plot"]
+            str(RunFiles(tiny_run).counts), "--options", OPTIONS, "--no_plot"]
     main([*args, "--out", str(tmp_path / "out")])  # exit 0: flagged checkpoints are recorded, and warned about
     out = capsys.readouterr()
     assert out.err.count("; left out of the onsets") == 3 and "integrity: " in out.out
@@ -91,7 +91,7 @@ def test_a_planted_suite_is_flagged_and_its_onsets_skip_the_flagged_branches(exp
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert "6 checkpoints fingerprinted" in page and "3 flagged, left out of the onsets" in page
     assert page.count("<td>out_of_order: ") == 2 and page.count("<td>equals_final: ") == 1
-    main([*args, "--out", str(tmp_path / "kept"), "--keep-flagged"])
+    main([*args, "--out", str(tmp_path / "kept"), "--keep_flagged"])
     assert read_json(RecordFiles(tmp_path / "kept").summary) == {**summary, **events(set())}
 
 
@@ -176,12 +176,12 @@ def test_a_killed_replay_continues_to_the_uninterrupted_result(kind, tiny_run, e
     run = copy_run(tiny_run, tmp_path)
     shutil.rmtree(RunFiles(run).analysis.root)
     if kind == "run":
-        args, files = ["analyze", str(run), "--no-plot"], RunFiles(run).analysis
-        whole = ["analyze", str(copy_run(run, tmp_path / "whole")), "--no-plot"]
+        args, files = ["analyze", str(run), "--no_plot"], RunFiles(run).analysis
+        whole = ["analyze", str(copy_run(run, tmp_path / "whole")), "--no_plot"]
         whole_files = RunFiles(tmp_path / "whole" / run.name).analysis
     else:
         hf = ["--hf", *(str(exports[s]) for s in sorted(exports)), "--probe", str(RunFiles(run).probe), "--counts",
-              str(RunFiles(run).counts), "--options", OPTIONS, "--no-plot"]
+              str(RunFiles(run).counts), "--options", OPTIONS, "--no_plot"]
         args, files = ["analyze", *hf, "--out", str(tmp_path / "out")], RecordFiles(tmp_path / "out")
         whole, whole_files = ["analyze", *hf, "--out", str(tmp_path / "whole")], RecordFiles(tmp_path / "whole")
     kill_after(args, files.prints, 2)

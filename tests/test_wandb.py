@@ -36,12 +36,23 @@ def test_a_fit_writes_its_offline_run_file(tmp_path, corpus_file):
     assert {r.get("report/_type") for r in written["history"]} >= {"html-file"}
 
 
-def test_a_fit_sends_growing_tables_hidden_layer_keys_their_charts_and_the_pages(tmp_path, corpus_file, fake_wandb):
+def test_a_fit_sends_growing_tables_layer_keys_no_constants_their_charts_and_the_pages(tmp_path, corpus_file,
+                                                                                      fake_wandb):
     run = tmp_path / "run"
     main(tiny_args(corpus_file, run, 4, "--report", "true"))
     (wandb_run,) = fake_wandb.runs
+    assert wandb_run.init["name"] == "tiny-relu-relu-seed1234" and wandb_run.init["job_type"] == "train"
     assert wandb_run.metrics["tokens_seen"] == {"step_metric": "trainer/global_step", "hidden": False}
-    assert wandb_run.metrics["sparsity/dead_frac/L0"]["hidden"]
+    rows = [r for r in read_metrics(run)]
+    for key in {k for r in rows for k in r} - {"trainer/global_step", "tokens_seen", "label"}:
+        values = {r[key] for r in rows if key in r and r[key] == r[key]}
+        assert wandb_run.metrics[key]["hidden"] == (len(values) <= 1), key  # a chart for each key that moves
+    assert not wandb_run.metrics["basic/resid_norm/L0"]["hidden"]  # per-layer curves show while training
+    assert {"train/lr"} == {k for k in wandb_run.metrics if k.startswith("train/lr")}
+    measured = max(r["trainer/global_step"] for r in rows if "dynamics/seconds" in r)
+    assert wandb_run.summary["trainer/global_step"] == measured == 4
+    assert wandb_run.summary["tokens_seen"] == next(r["tokens_seen"] for r in rows
+                                                    if r["trainer/global_step"] == 4 and "dynamics/seconds" in r)
     measured = [r for r in wandb_run.history if "basic/probe_loss" in r]
     tables = RunFiles(run).table_files()
     assert len(tables) >= 5
@@ -78,14 +89,15 @@ def test_sync_rebuilds_one_run_in_step_order(tiny_run, tmp_path, fake_wandb):
 
 def test_seeds_of_one_setup_share_a_wandb_group_and_other_settings_do_not():
     config = yaml.safe_load(open("configs/tiny-relu.yaml"))
-    group, tags = wandb_grouping(config, "tiny-relu")
+    name, group, tags = wandb_grouping(config, "tiny-relu")
+    assert name == "tiny-relu-relu-seed1234"
     reseeded = {**config, "seed_everything": 7, "data": {**config["data"], "seed": 3}}
-    assert wandb_grouping(reseeded, "tiny-relu") == (group, tags)
+    assert wandb_grouping(reseeded, "tiny-relu")[1:] == (group, tags)
     gelu = {**config, "model": {**config["model"], "arch": {**config["model"]["arch"], "activation": "gelu"}}}
-    other_group, other_tags = wandb_grouping(gelu, "tiny-relu")
+    _, other_group, other_tags = wandb_grouping(gelu, "tiny-relu")
     assert other_group != group and "activation=gelu" in other_tags
     wider = {**config, "model": {**config["model"], "arch": {**config["model"]["arch"], "d_model": 256}}}
-    assert wandb_grouping(wider, "tiny-relu")[0] != group
+    assert wandb_grouping(wider, "tiny-relu")[1] != group
 
 
 def test_outputs_and_monitors_are_declared_in_the_presets_and_printed_by_print_config():
@@ -94,4 +106,4 @@ def test_outputs_and_monitors_are_declared_in_the_presets_and_printed_by_print_c
     printed = yaml.safe_load(out)
     assert printed["outputs"] == {"wandb": {"project": "dynascope"}}
     assert [cb["class_path"] for cb in printed["trainer"]["callbacks"]] == [
-        "dynascope.callbacks.throughput.TrainingThroughput", "lightning.pytorch.callbacks.LearningRateMonitor"]
+        "dynascope.callbacks.throughput.TrainingThroughput"]

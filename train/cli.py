@@ -103,7 +103,7 @@ class DynascopeCLI(LightningCLI):
         start_over = config.start_over or (requested == "auto" and self.ckpt_path is None and holds_run(self.run_dir))
         resolved = yaml.safe_load(self.parser.dump(config, skip_none=False))
         presets = config.get("config") or []
-        group, tags = wandb_grouping(resolved, Path(str(presets[-1])).stem if presets else None)
+        name, group, tags = wandb_grouping(resolved, Path(str(presets[-1])).stem if presets else None)
         self.config_init.wandb_group = config.wandb_group = config.wandb_group or group
         self.config_init.wandb_tags = config.wandb_tags = config.wandb_tags or tags
         self.config_init.snapshots.trajectory_hash = trajectory_hash(resolved)
@@ -115,7 +115,7 @@ class DynascopeCLI(LightningCLI):
                 self.run_lock = RunLock(self.run_dir)
             run = RunFiles(self.run_dir)
             resolved |= {"wandb_group": config.wandb_group, "wandb_tags": config.wandb_tags}
-            destination = Destination(run, run, resolved, group=config.wandb_group, tags=config.wandb_tags)
+            destination = Destination(run, run, resolved, name, group=config.wandb_group, tags=config.wandb_tags)
             self.recorder = Recorder.open(destination, RECORD | config.outputs, echo=tqdm.write)  # beside the bars
 
     @override

@@ -75,6 +75,11 @@ class LanguageModel(L.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])  # before clipping
+        lrs = [group["lr"] for group in optimizer.param_groups]  # the lr this update uses
+        if len(set(lrs)) == 1:
+            self.log("train/lr", lrs[0])
+        else:
+            self.log_dict({f"train/lr/pg{i}": lr for i, lr in enumerate(lrs)})
 
     @override
     def configure_optimizers(self):
@@ -96,6 +101,4 @@ class LanguageModel(L.LightningModule):
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        # named for LearningRateMonitor (declared in the presets): train/lr/pg1 (decayed), train/lr/pg2
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -32,10 +32,11 @@ from typing import Any
 
 from dynascope.core.errors import DynascopeError
 from dynascope.core.io import atomic_write_text, ensure_writable, read_yaml
+from dynascope.core.presets import slurm_template
 from dynascope.core.settings import short_keys, value_text
 
 MANIFEST = "sweep.tsv"
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+TEMPLATE = slurm_template("train.sbatch")
 SEED_KEYS = ("seed_everything", "data.seed")  # what the grid key `seed` sets
 
 

@@ -1,7 +1,8 @@
 """Atomic writes and JSON-lines reads for every file of a run directory.
 
-A file is written to a temporary name beside it and renamed over the target, so a reader (or a
-crash) sees the old file or the new one, never half of either. Every read names the file, and the
+A file is written to a temporary name beside it, flushed to the disk, given the mode the user's umask
+gives new files, and renamed over the target, and the rename is flushed too: a reader, a killed process or
+a power loss sees the old file or the new one, never half of either. Every read names the file, and the
 line where there is one, when the content is bad.
 """
 
@@ -17,16 +18,45 @@ from pathlib import Path
 from dynascope.core.errors import DynascopeError
 
 
+def file_mode() -> int:
+    """The mode open() gives a new file under the process's umask (some writers, e.g. safetensors, use 0600)."""
+    try:  # read without setting it: os.umask() alone would change it for every thread for a moment
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to the disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle(path: str | Path) -> None:
+    """Flush a written file to the disk and give it the umask's mode."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(path, file_mode())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; renamed over `path` when the block succeeds, removed
-    when it fails."""
+    """Yields a temporary path beside `path`; once the block has written it, it is flushed to the disk and
+    renamed over `path` (the rename flushed too); removed when the block fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         yield tmp
+        settle(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

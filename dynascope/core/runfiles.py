@@ -6,6 +6,7 @@
     RUN_DIR/snapshots/                 step_XXXXXXXX.safetensors and manifest.jsonl
     RUN_DIR/checkpoints/               step_XXXXXXXX.ckpt and last.ckpt (full resume checkpoints)
     RUN_DIR/wandb/, wandb_id           the wandb run's files and its id
+    RUN_DIR/wandb_url                  the wandb run's web page (online runs)
     RUN_DIR/probe.safetensors          the probe windows every analysis reads, online and offline
     RUN_DIR/tokenizer.json, counts.npy the run's tokenizer and training-split token counts
     RUN_DIR/.lock                      held by the process that uses the directory
@@ -136,6 +137,11 @@ class RunFiles(RecordFiles):
     @property
     def wandb_id(self) -> Path:
         return self.root / "wandb_id"
+
+    @property
+    def wandb_url(self) -> Path:
+        """The wandb run's web page, written when the run is online."""
+        return self.root / "wandb_url"
 
     @property
     def wandb(self) -> Path:

@@ -10,9 +10,12 @@ Whose run it is follows from the `Destination`:
 - `dynascope sync`: a new run (`id_suffix`) rebuilt from the run directory's record.
 
 Laid out for reading training dynamics: every key plots against `trainer/global_step` (`tokens_seen` is
-declared too, an x-axis choice); per-layer keys (`.../L{l}`) are hidden from the automatic panels, and the
-end of the record draws one chart per per-layer metric with a line per layer instead; each table key is one
-growing table (wandb's incremental log mode, a `step` column first).
+declared too, an x-axis choice). A key's chart is hidden until its value first changes, so the automatic
+panels hold no constant; per-layer keys (`.../L{l}`) show while training, a metric's layers side by side in
+its section (with "group by all segments" in the workspace settings, one section per metric), and the end of
+the record adds one chart per per-layer metric with a line per layer. Each table key is one growing table
+(wandb's incremental log mode, a `step` column first). The summary's step and tokens are those of the last
+measured checkpoint, as the report's.
 """
 
 from __future__ import annotations
@@ -45,15 +48,17 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE", "online" if wandb_has_credentials() else "offline")
 
 
-def wandb_grouping(config: dict, preset: str | None) -> tuple[str, list[str]]:
-    """The wandb group of a resolved fit config (runs that differ only in their seeds share it) and its
-    tags (activation, preset); WANDB_RUN_GROUP and WANDB_TAGS (comma-separated), e.g. a sweep's, win."""
+def wandb_grouping(config: dict, preset: str | None) -> tuple[str, str, list[str]]:
+    """The wandb run name of a resolved fit config (preset, activation, seed), its group (runs that differ only
+    in their seeds share it) and its tags (activation, preset); WANDB_RUN_GROUP and WANDB_TAGS
+    (comma-separated), e.g. a sweep's, win."""
     setup = {k: v for k, v in trajectory(config).items() if not k.endswith("seed") and k != "seed_everything"}
     digest = hashlib.sha256(json.dumps(setup, sort_keys=True, default=str).encode()).hexdigest()[:8]
     activation, preset = config["model"]["arch"]["activation"], preset or "custom"
+    name = f"{preset}-{activation}-seed{config.get('seed_everything')}"
     group = os.environ.get("WANDB_RUN_GROUP") or f"{preset}-{activation}-{digest}"  # wandb's own variables
     tags = [f"activation={activation}", f"preset={preset}"]
-    return group, list(dict.fromkeys(tags + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]))
+    return name, group, list(dict.fromkeys(tags + [t for t in os.environ.get("WANDB_TAGS", "").split(",") if t]))
 
 
 class WandbRun(Sink):
@@ -75,6 +80,11 @@ class WandbRun(Sink):
         self.skip_keys = {k for r in logged for k in r} - {"tokens_seen"} if from_analysis else set()
         self.held_through = max((r[STEP_KEY] for r in logged), default=-1) if not from_analysis else -1
         self.skip_through = -1  # steps the run holds, which a rewound run logs again: not sent twice
+        self._first: dict[str, float] = {}  # each key's first value; its chart shows once a value differs
+        self._shown: set[str] = set()
+        for row in sorted(logged, key=lambda r: r[STEP_KEY]) if not from_analysis else []:
+            self._note_values(row)
+        self._last_measured: tuple[int, float] | None = None
         own_name = destination.name or files.root.resolve().name
         self._init = dict(project=project, dir=str(run.root if attached else files.root), mode=wandb_mode(),
                           id=run.wandb_id.read_text().strip() + id_suffix if attached else None,
@@ -97,6 +107,9 @@ class WandbRun(Sink):
             self._run = wandb.init(**self._init)
             self._run.define_metric(STEP_KEY)
             self._run.define_metric("*", step_metric=STEP_KEY)
+            run = self.destination.run
+            if self._init["mode"] == "online" and self._init["id"] and run is not None and self._run.url:
+                atomic_write_text(run.wandb_url, self._run.url)  # the report links to it
         return self._run
 
     @property
@@ -108,16 +121,30 @@ class WandbRun(Sink):
         """The wandb run's local directory (what `wandb sync` uploads)."""
         return self.run.dir
 
+    def _note_values(self, values: dict) -> set[str]:
+        """Record the keys' values; returns the keys whose value has now changed for the first time."""
+        changed = set()
+        for key, value in values.items():
+            if key in (STEP_KEY, "tokens_seen", "label") or key in self._shown:
+                continue
+            first = self._first.setdefault(key, value)
+            if value != first and not (value != value and first != first):  # NaN equals NaN here
+                self._shown.add(key)
+                changed.add(key)
+        return changed
+
     def log_metrics(self, metrics: dict[str, float | str], step: int) -> None:
         values = {k: v for k, v in metrics.items() if k not in self.skip_keys and k != "label"}
         if step <= self.skip_through or not set(values) - {"tokens_seen"}:
             return
-        for key in values.keys() - self._declared:
-            if key == "tokens_seen" or LAYER.match(key):
-                self.run.define_metric(key, step_metric=STEP_KEY, hidden=key != "tokens_seen")
+        changed = self._note_values(values)
+        for key in (values.keys() - self._declared) | changed:
+            self.run.define_metric(key, step_metric=STEP_KEY, hidden=key != "tokens_seen" and key not in self._shown)
             self._declared.add(key)
         if any(LAYER.match(k) for k in values):
             self._layer_rows.append({STEP_KEY: step, **values})
+        if "dynamics/seconds" in values and (self._last_measured is None or step >= self._last_measured[0]):
+            self._last_measured = (step, values.get("tokens_seen", float("nan")))
         self.run.log({STEP_KEY: step, **values})
 
     def log_summary(self, summary: dict[str, float | None]) -> None:
@@ -151,6 +178,8 @@ class WandbRun(Sink):
         summary = self.destination.files.summary
         if summary.exists():  # the summary as summary.json holds it when the run closes
             self.run.summary.update(read_json(summary, "summary"))
+        if self._last_measured is not None:  # not the last training row's: the checkpoint the record ends at
+            self.run.summary.update(dict(zip((STEP_KEY, "tokens_seen"), self._last_measured, strict=True)))
         self.run.finish(exit_code=1 if failed else 0)
 
     def _log_layer_charts(self) -> None:

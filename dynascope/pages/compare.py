@@ -2,8 +2,9 @@
 
 It takes run directories of `dynascope fit` and output directories of `dynascope analyze --hf`, mixed,
 and writes `index.html` (every figure embedded as a PNG, also saved beside it). Each run is named by the
-settings in which its config.yaml differs from the other runs' (flattened; `model.arch.activation`
-shows as `activation` unless two settings end alike); an `analyze --hf` directory by its name. Runs that
+settings in which its config.yaml differs from the other runs' (those that shape the training trajectory,
+and the analyses' settings; flattened; `model.arch.activation` shows as `activation` unless two settings
+end alike); an `analyze --hf` directory by its name. One run given twice is an error. Runs that
 differ only in seeds (settings named like `seed_everything`, `data.seed`) form a group, drawn as the
 mean over its runs with a band from the smallest to the largest value (the interquartile range from 4
 runs). A group is drawn only at the steps all its runs measured: nothing is interpolated, and a run or
@@ -31,11 +32,13 @@ from dynascope.core.errors import DynascopeError
 from dynascope.core.io import ensure_writable
 from dynascope.core.records import RunHistory
 from dynascope.core.runfiles import RunFiles
-from dynascope.core.settings import flatten, short_keys, value_text
+from dynascope.core.settings import flatten, short_keys, trajectory, value_text
 from dynascope.pages.report import embed, write_page
 
-# where a run lives, how it was started and reported: not what it trained
-NOT_SETTINGS = ("trainer.default_root_dir", "ckpt_path", "start_over", "report", "wandb_")
+
+def settings(config: dict) -> dict[str, Any]:
+    """What a run trained (the settings that shape its trajectory, `trajectory`) and what it measured."""
+    return trajectory(config) | {k: v for k, v in flatten(config).items() if k.startswith("dynamics.options")}
 
 
 @dataclass
@@ -62,15 +65,16 @@ def _describe(values: dict[str, Any], short: dict[str, str]) -> str:
 
 def load_groups(directories: list[str | Path]) -> list[Group]:
     """The runs in `directories`, named and grouped by how their configs differ."""
-    runs = []
+    runs, seen = [], {}
     for d in map(Path, directories):
+        if (same := seen.setdefault(d.resolve(), d)) is not d:
+            raise DynascopeError(f"compare: {d} and {same} are the same run; give each run once")
         files = RunFiles(d)
         if not any(f.is_file() for f in (files.config, files.metrics_jsonl, files.metrics_csv)):
             raise DynascopeError(f"{d} is neither a run directory of `dynascope fit` (config.yaml, metrics.jsonl) nor "
                                  "an output directory of `dynascope analyze --hf` (metrics.csv); give one of those")
         runs.append(RunHistory.load(d))
-    flat = {id(r): {k: v for k, v in flatten(r.config).items() if not k.startswith(NOT_SETTINGS)}
-            for r in runs if r.config}
+    flat = {id(r): settings(r.config) for r in runs if r.config}
     # settings every config has (an older dynascope lacks newer options) with more than one value
     keys = [k for k in dict.fromkeys(k for f in flat.values() for k in f) if all(k in f for f in flat.values())]
     differ = [k for k in keys if len({json.dumps(f[k], default=str) for f in flat.values()}) > 1]
@@ -80,12 +84,12 @@ def load_groups(directories: list[str | Path]) -> list[Group]:
         values = {k: flat[id(run)][k] for k in differ} if run.config else {}
         setting = {k: v for k, v in values.items() if not _is_seed(k)}
         key = json.dumps(setting, default=str) if run.config else f"dir:{run.name}"
-        group = groups.setdefault(key, Group(_describe(setting, short) if setting else run.name, [], []))
+        group = groups.setdefault(key, Group(_describe(setting, short) if setting else "", [], []))
         group.runs.append(run)
         group.names.append(_describe(values, short) if values else run.name)
-    for group in groups.values():  # a lone run's label names its seed too
-        if len(group.runs) == 1:
-            group.label = group.names[0]
+    for group in groups.values():  # a lone run's label names its seed too; seeds of the only setting, all
+        if len(group.runs) == 1 or not group.label:
+            group.label = "; ".join(group.names)
     return list(groups.values())
 
 
@@ -134,6 +138,7 @@ def _panel(groups: list[Group], metric: str, which: str | None, axis: TrainingAx
             ax.axhline(reference[metric], color="gray", linewidth=0.8, linestyle="--")
         axis.setup(ax)
         ax.set_title(title, fontsize=10, pad=axis.title_pad)
+        ax.set_ylabel(metric.rsplit("/", 1)[-1].replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
         return True
 
@@ -156,9 +161,9 @@ def compare_figures(groups: list[Group]) -> list[tuple[str, Figure]]:
         labels = {}  # every group drawn in any panel, in group order
         for ax in fig.axes:
             labels |= {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
-        fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(4, len(labels)), fontsize=8,
-                   frameon=False)
-        rows = -(-len(labels) // 4)
+        columns = max(1, min(4, len(labels), len(fig.axes)))  # a narrow figure's legend is one column
+        fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+        rows = -(-len(labels) // columns)
         fig.tight_layout(rect=(0, (0.1 + 0.2 * rows) / fig.get_figheight(), 1, 1))  # room for the legend
         figures.append((name, fig))
     return figures
@@ -215,7 +220,10 @@ def write_compare(directories: list[str | Path], out_dir: str | Path) -> Path:
     out = ensure_writable(out_dir)
     runs = "".join(f"<li><b>{html.escape(name)}</b>: {html.escape(str(run.root.root))}, {len(run.rows)} "
                    f"checkpoints</li>" for g in groups for run, name in zip(g.runs, g.names, strict=True))
-    body = [f"<h1>dynascope compare: {len(groups)} groups of {sum(len(g.runs) for g in groups)} runs</h1>",
+    n_runs = sum(len(g.runs) for g in groups)
+    seeded = "" if len(groups) == n_runs else ", the seeds of one setting" if len(groups) == 1 else \
+        f", {len(groups)} settings (the seeds of each drawn together)"
+    body = [f"<h1>dynascope compare: {n_runs} runs{seeded}</h1>",
             f"<ul class='meta'>{runs}</ul><p class='meta'>Runs that differ only in seeds are drawn as their mean with "
             "a min–max band (interquartile range from 4 seeds), at the steps all of them measured.</p>",
             "<h2>Emergence and convergence (step)</h2>", _table(groups)]

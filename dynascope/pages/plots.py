@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from dynascope.analysis import REGISTRY
 from dynascope.analysis.figures import RunPlot, finite, layer_color, time_colors
+from dynascope.core.io import ensure_writable
 from dynascope.core.records import LAYER, RunHistory, read_table
 
 BAND = re.compile(r"^(.*) p(25|75)$")
@@ -100,14 +101,13 @@ def _save(fig: Figure, title: str, path: Path) -> Path:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write `<analysis>.png` for each analysis present and `overview.png`, in place of the PNGs an earlier
-    call wrote there; returns the overview path."""
+    """Write `<analysis>.png` for each analysis present and `overview.png` into `out_dir` (default RUN/plots),
+    in place of the ones an earlier call wrote there (other files are left alone); returns the overview path."""
     history = RunHistory.load(run_dir)
     plot = RunPlot(history)
-    out = Path(out_dir or history.root.plots)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.png"):
-        old.unlink()
+    out = ensure_writable(Path(out_dir or history.root.plots))
+    for name in [*REGISTRY, "overview"]:  # an analysis measured before but not now leaves no stale picture
+        (out / f"{name}.png").unlink(missing_ok=True)
     present = [name for name in REGISTRY if any(k.startswith(name + "/") for r in history.rows for k in r)]
     for name in present:
         panels = _panels(history.rows, name)
