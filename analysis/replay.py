@@ -27,12 +27,13 @@ from dynascope.analysis.integrity import Print, weights_print
 from dynascope.analysis.measure import measure, stage_count
 from dynascope.analysis.onsets import history_from_tables, summarize
 from dynascope.analysis.view import ModelShape, ModelView, TransformerView
-from dynascope.core.data import EOS, Corpus, DataConfig, load_tokenizer, prepare_corpus
+from dynascope.core.data import EOS, load_tokenizer
 from dynascope.core.errors import DynascopeError
 from dynascope.core.io import read_yaml
 from dynascope.core.model import ModelConfig
 from dynascope.core.probe import load_probe
 from dynascope.core.records import CheckpointRecord
+from dynascope.core.rundir import in_use
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.settings import trajectory_hash
 from dynascope.core.snapshots import load_snapshot, load_snapshot_tensor, read_manifest
@@ -75,8 +76,11 @@ class Source:
     load_view: Callable[[str, str], ModelView]
     final: str
     final_embeddings: Callable[[], torch.Tensor] | None = None
+    unfinished: str = ""  # why the last checkpoint is not the final one (a run still training), if it is not
 
     def final_output_embeddings(self) -> torch.Tensor:
+        if self.unfinished:
+            raise DynascopeError(self.unfinished)
         if self.final_embeddings is not None:
             return self.final_embeddings()
         return self.load_view(self.final, "cpu").output_embeddings.detach().clone()  # the model is freed here
@@ -170,10 +174,10 @@ def run_context(run_dir: str | Path, config: dict) -> AnalysisContext:
     """What a run's analyses read besides the model: its corpus counts, tokenizer and end-of-document id."""
     run = RunFiles(run_dir)
     tokenizer = load_tokenizer(run.tokenizer) if run.tokenizer.exists() else None
-    if run.counts.exists():
-        counts = np.load(run.counts)
-    else:  # runs from before counts were kept in the run directory: rebuild (cached) from the config
-        counts = Corpus(prepare_corpus(DataConfig.from_config(config))).counts()
+    if not run.counts.exists():  # a copied run reads its own files, never the paths its config names
+        raise DynascopeError(f"{run.counts} is missing: the run's training-split token counts, which fit writes at "
+                             "its start; copy it from the original run directory")
+    counts = np.load(run.counts)
     eos = (config.get("data") or {}).get("eos_token") or EOS
     return AnalysisContext(torch.from_numpy(counts), tokenizer, tokenizer.token_to_id(eos) if tokenizer else None)
 
@@ -190,10 +194,7 @@ def run_source(run_dir: str | Path, steps: list[int] | None = None) -> Source:
     manifest = read_manifest(run.root)
     if not manifest:
         raise DynascopeError(f"{run.manifest} lists no snapshots")
-    sources = {s: (run, row) for s, row in manifest.items()}  # where each step's snapshot lies
-    for zoom in run.zooms():
-        for s, row in read_manifest(zoom.root).items():
-            sources.setdefault(s, (zoom, row))
+    sources = measurable(run, manifest)
     missing = sorted(set(steps or []) - set(sources))
     if missing:
         raise DynascopeError(f"--steps {missing} have no snapshot in {run.snapshots} or its zooms (have "
@@ -215,8 +216,30 @@ def run_source(run_dir: str | Path, steps: list[int] | None = None) -> Source:
 
     checkpoints = [Checkpoint(s, float(sources[s][1].get("tokens_seen", math.nan)),
                               str(s) if sources[s][0] is run else f"zoom {s}") for s in sorted(steps or sources)]
-    return Source(checkpoints, load_view, str(max(manifest)),
-                  lambda: load_snapshot_tensor(run.root, max(manifest), "unembed.weight"))
+    final = max(manifest)
+    return Source(checkpoints, load_view, str(final), lambda: load_snapshot_tensor(run.root, final, "unembed.weight"),
+                  unfinished(run, manifest[final]))
+
+
+def measurable(run: RunFiles, manifest: dict[int, dict]) -> dict[int, tuple[RunFiles, dict]]:
+    """{step: (the run or zoom whose snapshot it is, its manifest row)}, the run's own first; a diverged run that
+    trained on marks its non-finite snapshots, and nothing is measured on them."""
+    sources = {s: (run, row) for s, row in manifest.items() if not row.get("nonfinite")}
+    for zoom in run.zooms():
+        for s, row in read_manifest(zoom.root).items():
+            if not row.get("nonfinite"):
+                sources.setdefault(s, (zoom, row))
+    return sources
+
+
+def unfinished(run: RunFiles, final: dict) -> str:
+    """Why a run's last snapshot (its manifest row `final`) is not its final checkpoint, or "" when it is."""
+    if in_use(run.root):
+        return (f"{run.root} is still training (a fit holds {run.lock}): its last snapshot is not the final one; "
+                "analyze again when the fit has ended")
+    if final.get("nonfinite"):
+        return f"the last snapshot {run.snapshot(final['step'])} holds non-finite weights (the run diverged)"
+    return ""
 
 
 def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: list[int] | None = None,
@@ -228,6 +251,10 @@ def run_replay(run_dir: str | Path, analyses: str | list[str] = "all", steps: li
     run = RunFiles(run_dir)
     source = run_source(run_dir, steps)
     config = read_yaml(run.config, "run config")
-    return Replay(source, load_probe(run.probe), analyses, run_context(run.root, config),
+    probe, context_length = load_probe(run.probe), config["model"]["arch"]["context_length"]
+    if probe.shape[1] > context_length:
+        raise DynascopeError(f"{run.probe} holds windows of {probe.shape[1]} tokens, longer than the model's context "
+                             f"({context_length}); it is not this run's probe set: restore the run's own")
+    return Replay(source, probe, analyses, run_context(run.root, config),
                   batch_size or (config.get("dynamics") or {}).get("batch_size", 16), run_options(run.root, options),
                   shard, done)

@@ -3,7 +3,8 @@
 It knows nothing about any phenomenon. At each step of the checkpoint schedule (including step 0,
 before the first update) it switches to eval mode, measures the checkpoint on every rank's shard
 of the probe set (`measure`, a collective), restores train mode, and on rank 0 hands the record to
-the run's `Recorder` (set by `dynascope fit`), which writes it to every sink. Analyses that watch
+the run's `Recorder` (set by `dynascope fit`), which writes it to every sink. Non-finite weights (a diverged
+run that trains on) are not measured: their keys are absent. Analyses that watch
 training get forward hooks on the training passes and each optimizer step's loss and gradient norm.
 While it measures, a progress bar of its own shows the stage (with the Trainer's bars enabled); the
 time it spends (`seconds`) is left out of the training throughput (callbacks/throughput.py).
@@ -106,6 +107,9 @@ class DynamicsCallback(OnSchedule):
         super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
+        finite = all(bool(p.isfinite().all()) for p in pl_module.parameters())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return  # a diverged run trained on (--stop_on_divergence false): NaN weights yield no "findings"
         start = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()

@@ -35,6 +35,7 @@ from dynascope.core.errors import DynascopeError
 from dynascope.core.io import ensure_writable, read_json, write_json
 from dynascope.core.probe import save_probe
 from dynascope.core.records import Table, read_csv, read_table
+from dynascope.core.rundir import RunLock, in_use
 from dynascope.core.runfiles import RecordFiles, RunFiles
 from dynascope.outputs import Destination, Recorder, check_outputs
 from dynascope.pages.publish import draw_pages
@@ -75,6 +76,10 @@ class AnalyzeRequest:
     def pages(self) -> Path:
         """The directory whose pages (plots, report) the records feed."""
         return Path(self.run or self.out)
+
+    def partial(self) -> dict[str, bool]:
+        """For a run: whether it is still training, so that its table has no distances to a final checkpoint."""
+        return {"analysis/partial": in_use(Path(self.run))} if self.run else {}
 
     def analysis_options(self) -> dict[str, dict] | None:
         return run_options(self.run, self.options) if self.run else self.options
@@ -123,18 +128,23 @@ def analyze(request: AnalyzeRequest, plot: bool = True) -> Outcome:
     outputs."""
     check_outputs(request.outputs)
     ensure_writable(request.files.root)
-    replay = request.replay(files=request.files)
-    if not replay.checkpoints:
-        tqdm.write(f"dynascope: every checkpoint is recorded in {request.files.metrics_csv} already; --redo measures "
-                   "them again", file=sys.stderr)
-    recorder = Recorder.open(request.destination(request.files), RECORD | request.outputs, echo=tqdm.write)
+    lock = RunLock(request.files.root, "dynascope analyze", wait=True)  # one writer of the table at a time
     try:
-        outcome = _record(request, replay, request.files, recorder)
-        outcome.flagged = _conclude(request, request.files, recorder)
-        recorder.finalize(draw_pages(request.pages) if plot and request.files.metrics_csv.exists() else None)
-    except BaseException:
-        recorder.finalize(failed=True)
-        raise
+        replay = request.replay(files=request.files)  # what is recorded already is read under the lock
+        if not replay.checkpoints:
+            tqdm.write(f"dynascope: every checkpoint is recorded in {request.files.metrics_csv} already; --redo "
+                       "measures them again", file=sys.stderr)
+        recorder = Recorder.open(request.destination(request.files), RECORD | request.outputs, echo=tqdm.write)
+        try:
+            outcome = _record(request, replay, request.files, recorder)
+            outcome.flagged = _conclude(request, request.files, recorder)
+            recorder.log_summary(request.partial())
+            recorder.finalize(draw_pages(request.pages) if plot and request.files.metrics_csv.exists() else None)
+        except BaseException:
+            recorder.finalize(failed=True)
+            raise
+    finally:
+        lock.release()
     return outcome
 
 
@@ -201,6 +211,7 @@ def merge(request: AnalyzeRequest, plot: bool = True) -> Outcome:
     if not shards:
         raise DynascopeError(f"{files.shards} holds no shards to merge; run `dynascope analyze ... --shard I/N` first")
     check_outputs(request.outputs)
+    lock = RunLock(files.root, "dynascope analyze --merge", wait=True)
     recorder = Recorder.open(request.destination(files), RECORD | request.outputs, echo=tqdm.write)
     try:
         for shard in shards:
@@ -215,6 +226,7 @@ def merge(request: AnalyzeRequest, plot: bool = True) -> Outcome:
             write_json(files.shape, read_json(shards[0].shape, "shard shape"))
         rows = read_csv(files.metrics_csv)
         bad = _conclude(request, files, recorder)
+        recorder.log_summary(request.partial())
         for shard in shards:
             shutil.rmtree(shard.root)
         files.shards.rmdir()
@@ -222,6 +234,8 @@ def merge(request: AnalyzeRequest, plot: bool = True) -> Outcome:
     except BaseException:
         recorder.finalize(failed=True)
         raise
+    finally:
+        lock.release()
     return Outcome(files, [int(r["step"]) for r in rows], [], bad)
 
 

@@ -62,6 +62,24 @@ def _steps(text: str) -> list[int]:
     return steps
 
 
+def _at_least(low: int):
+    """argparse type of a whole number of `low` or more (a count: 1, a step or index: 0), checked where parsed."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text}: give {low} or more")
+        return value
+
+    return parse
+
+
+_count, _index = _at_least(1), _at_least(0)
+
+
 def _directory(text: str) -> str:
     """argparse type of a run (or output) directory to read: one that exists, checked before anything heavy loads."""
     if not Path(text).is_dir():
@@ -139,9 +157,9 @@ def _data_arguments(argv: list[str]) -> list[str]:
 def _batch(argv: list[str]) -> None:
     p = _Parser(prog="dynascope batch", description=COMMANDS["batch"])
     p.add_argument("run", type=_directory, help="run directory (trainer.default_root_dir of `dynascope fit`)")
-    p.add_argument("--step", type=int, required=True, help="global step (0-based optimizer step)")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--micro", type=int, default=0, help="micro-batch index under gradient accumulation")
+    p.add_argument("--step", type=_index, required=True, help="global step (0-based optimizer step)")
+    p.add_argument("--rank", type=_index, default=0)
+    p.add_argument("--micro", type=_index, default=0, help="micro-batch index under gradient accumulation")
     a = p.parse_args(argv)
     from dynascope.core.data import batch_text
 
@@ -161,11 +179,11 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--data", nargs="+", metavar="FILE", help="with --hf: text files for the probe set and counts")
     p.add_argument("--probe", metavar="FILE", help="with --hf: these probe windows (e.g. RUN_DIR/probe.safetensors)")
     p.add_argument("--counts", metavar="FILE", help="with --hf: these training token counts (e.g. RUN_DIR/counts.npy)")
-    p.add_argument("--tokens_per_step", type=int, metavar="N",
+    p.add_argument("--tokens_per_step", type=_count, metavar="N",
                    help="with --hf: tokens_seen = step × N (Pythia: 2097152)")
     p.add_argument("--analyses", default="all", help="comma-separated analysis names, or all")
     p.add_argument("--steps", help="comma-separated snapshot steps (default: all)")
-    p.add_argument("--batch_size", type=int, help="probe batch size (default: the run's, else 16)")
+    p.add_argument("--batch_size", type=_count, help="probe batch size (default: the run's, else 16)")
     p.add_argument("--options", type=_json_options,
                    help='per-analysis options as JSON (default: the run\'s), e.g. \'{"regions": {"n_alpha": 31}}\'')
     p.add_argument("--outputs", type=_json_options, default={},
@@ -175,7 +193,7 @@ def _analyze(argv: list[str]) -> None:
     p.add_argument("--wandb", action="store_true", help="record to wandb too (offline without a key): a run's "
                                                         "analysis goes into its training run")
     p.add_argument("--device", help="where to measure (default: cuda if there is a GPU, else cpu)")
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=_count, default=1,
                    help="worker processes sharing the checkpoints (on as many GPUs with --device cuda), merged")
     p.add_argument("--shard", type=_shard, metavar="I/N", help="only shard I of N (a Slurm array task); then --merge")
     p.add_argument("--merge", action="store_true", help="merge the shards written by --shard into one table")
@@ -220,7 +238,7 @@ def _export(argv: list[str]) -> None:
     p = _Parser(prog="dynascope export", description=COMMANDS["export"])
     p.add_argument("run", type=_directory, help="run directory of `dynascope fit`")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--step", type=int, help="the snapshot to export, into OUT_DIR")
+    which.add_argument("--step", type=_index, help="the snapshot to export, into OUT_DIR")
     which.add_argument("--all", action="store_true", help="every snapshot, into OUT_DIR/stepN")
     p.add_argument("out", help="output directory")
     p.add_argument("--overwrite", action="store_true",
@@ -319,9 +337,9 @@ def _zoom(argv: list[str]) -> None:
                        "`dynascope analyze RUN` then includes its points.")
     p.add_argument("run", type=_directory,
                    help="run directory of `dynascope fit`, with a resume checkpoint at or before --from")
-    p.add_argument("--from", dest="start", type=int, metavar="A", help="the first step of the stretch")
-    p.add_argument("--to", dest="end", type=int, metavar="B", help="its last step")
-    p.add_argument("--every", type=int, default=1, metavar="K", help="a snapshot every K steps (default: 1)")
+    p.add_argument("--from", dest="start", type=_index, metavar="A", help="the first step of the stretch")
+    p.add_argument("--to", dest="end", type=_index, metavar="B", help="its last step")
+    p.add_argument("--every", type=_count, default=1, metavar="K", help="a snapshot every K steps (default: 1)")
     p.add_argument("--onset", metavar="EVENT", help="take --from and --to from this onset's bracket, e.g. "
                                                     "outliers/emergence (`dynascope onsets RUN` lists them)")
     a = p.parse_args(argv)
@@ -419,6 +437,11 @@ def main(argv: list[str] | None = None) -> None:
         handlers[argv[0]](argv if argv[0] == "fit" else argv[1:])
     except (DynascopeError, argparse.ArgumentError) as e:
         print(f"dynascope: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a read-only file system, a missing permission: what, where, what to do
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dynascope: error: {where}{e.strerror or e}; free space or make it writable, then run the command "
+              "again (files already written are whole)", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
         print(f"dynascope: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ import html
 import re
 
 from helpers import copy_run
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import dynascope
@@ -102,3 +103,28 @@ def test_one_page_per_run_redrawn_by_analyze(tiny_run, tmp_path):
     main(["analyze", str(run), "--steps", "0,7", "--redo"])
     assert "The papers' signatures" in index.read_text() and "frequency/dist_to_final" in RunHistory.load(run).rows[-1]
     assert not (RunFiles(run).analysis.root / "report").exists()  # no second page inside analysis/
+
+
+def test_card_titles_and_line_labels_stay_clear_of_the_panels(tiny_run):
+    """Seen in the screenshots before: a card's title on its panels' titles, an event's label cut off at the
+    right edge of its panel."""
+    from dynascope.pages.report import onset_card, run_events
+
+    history = RunHistory.load(tiny_run)
+    plot = RunPlot(history)
+    cards = [f for e, j in run_events(history).values() if (f := onset_card(plot, e, j)) is not None]
+    assert cards
+    for fig in cards:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        (title,) = fig.texts  # the suptitle
+        for ax in fig.axes:
+            assert not title.get_window_extent(renderer).overlaps(ax.title.get_window_extent(renderer)), title
+    fig = Figure(figsize=(4, 3))
+    ax = fig.add_subplot()
+    ax.plot([0, 10], [0, 1])
+    last = history.rows[-1]["step"]
+    plot.mark(ax, last, "converged")
+    plot.finish(ax, "t")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    (label,) = ax.texts
+    assert ax.get_window_extent(renderer).contains(*label.get_window_extent(renderer).max)

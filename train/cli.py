@@ -13,6 +13,7 @@ only then runs `Trainer.fit` itself with the checkpoint it resolved (`--ckpt_pat
 
 from __future__ import annotations
 
+import pickle
 import signal
 import warnings
 from pathlib import Path
@@ -32,8 +33,9 @@ from dynascope.callbacks.logger import RecordLogger
 from dynascope.callbacks.progress import StepProgressBar
 from dynascope.callbacks.resume import AtomicCheckpointIO, ResumeCheckpoints, RewindOnResume, requeue_slurm_job
 from dynascope.callbacks.snapshots import Snapshots
+from dynascope.callbacks.stability import LossSpikes
 from dynascope.core.data import DataConfig
-from dynascope.core.errors import Interrupted, require
+from dynascope.core.errors import DynascopeError, Interrupted, require
 from dynascope.core.rundir import RunLock, holds_run, prepare_run_dir, release_locks, resolve_checkpoint
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.settings import trajectory_hash
@@ -74,6 +76,9 @@ class DynascopeCLI(LightningCLI):
                                  "and hand them to the outputs (the wandb run)")
         parser.add_argument("--start_over", type=bool, default=False,
                             help="start a new run in a directory that holds one, moving the old run aside")
+        parser.add_argument("--stop_on_divergence", type=bool, default=True,
+                            help="stop at the first non-finite training loss (exit 3; the summary says at which "
+                                 "step); false trains on, marking non-finite snapshots, which nothing measures")
 
     @override
     def instantiate_classes(self) -> None:
@@ -81,6 +86,7 @@ class DynascopeCLI(LightningCLI):
         check_outputs(self.config.outputs)
         self.datamodule = CorpusDataModule(self.config_init.data)
         self.model = self.config_init.model
+        self.model.stop_on_divergence = self.config.stop_on_divergence
         self.recorder: Recorder | None = None
         self._hold_run_dir()  # after validation, before anything is written
         try:
@@ -93,6 +99,9 @@ class DynascopeCLI(LightningCLI):
         config = self.config
         require(isinstance(config.trainer.max_steps, int) and config.trainer.max_steps >= 1, "trainer.max_steps",
                 config.trainer.max_steps, "must be a positive number of optimizer steps")
+        accumulate = config.trainer.get("accumulate_grad_batches", 1)
+        require(isinstance(accumulate, int) and accumulate >= 1, "trainer.accumulate_grad_batches", accumulate,
+                "must be a positive number of micro-batches per step")
         self.run_dir = Path(config.trainer.default_root_dir or "runs/default")
         self.config_init.trainer["default_root_dir"] = config.trainer.default_root_dir = str(self.run_dir)
         # every rank resumes from the same file: the newest complete checkpoint
@@ -125,7 +134,8 @@ class DynascopeCLI(LightningCLI):
         theirs = [lg for lg in (declared if isinstance(declared, list) else [declared]) if isinstance(lg, Logger)]
         trainer_cfg["logger"] = [RecordLogger(self.recorder, self.run_dir), *theirs]
         self.config_init.dynamics.recorder = self.recorder
-        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [RewindOnResume(self.recorder)]
+        trainer_cfg["callbacks"] = list(trainer_cfg.get("callbacks") or []) + [RewindOnResume(self.recorder),
+                                                                               LossSpikes()]
         if trainer_cfg.get("enable_progress_bar") is not False and not any(
                 isinstance(cb, ProgressBar) for cb in trainer_cfg["callbacks"]):
             trainer_cfg["callbacks"].append(StepProgressBar())
@@ -139,7 +149,15 @@ class DynascopeCLI(LightningCLI):
         the checkpoint to resume from (requeueing a Slurm job Slurm warned of its time limit)."""
         trainer = self.trainer
         # resume checkpoints load through torch's weights-only unpickler: no file can run code when loaded
-        trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path, weights_only=True)
+        try:
+            trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=self.ckpt_path, weights_only=True)
+        except pickle.UnpicklingError:  # whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says: weights_only is explicit
+            raise DynascopeError(f"{self.ckpt_path} holds objects beyond tensors and plain values, so it was not "
+                                 "written by dynascope and is not loaded (nothing in it ran); delete it, or resume "
+                                 "from another checkpoint") from None
+        finally:  # the record says that the run diverged and where, whether it stopped there or trained on
+            if self.model.diverged_step is not None and self.recorder is not None:
+                self.recorder.log_summary({"train/diverged_step": self.model.diverged_step})
         finished = trainer.global_step >= trainer.max_steps
         pictures = draw_pages(self.run_dir) if self.config.report and finished and trainer.is_global_zero else None
         self.close(pictures=pictures)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import grad_norm
 from typing_extensions import override
 
-from dynascope.core.errors import DynascopeError, require
+from dynascope.core.errors import Diverged, DynascopeError, require
 from dynascope.core.model import ModelConfig, Transformer
 
 
@@ -44,6 +44,8 @@ class LanguageModel(L.LightningModule):
         self.hparams["arch"] = asdict(arch)
         self.model = Transformer(arch)
         self.tokens_per_step = 0
+        self.stop_on_divergence = True  # set by `dynascope fit` (--stop_on_divergence)
+        self.diverged_step: int | None = None  # the first step with a non-finite loss
         self._train_forward = torch.compile(self.model.forward) if compile else self.model.forward
 
     @property
@@ -68,6 +70,10 @@ class LanguageModel(L.LightningModule):
         x, y = batch
         logits = self._train_forward(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        if not torch.isfinite(loss):
+            self.diverged_step = self.global_step if self.diverged_step is None else self.diverged_step
+            if self.stop_on_divergence:  # before this step's update: the weights stay finite
+                raise Diverged(self.global_step, loss.item())
         self.log("train/loss", loss, prog_bar=True)
         self.log("tokens_seen", float(self.tokens_seen(self.global_step)))
         return loss

@@ -180,20 +180,20 @@ def prepare_corpus(cfg: DataConfig, num_proc: int | None = None) -> Path:
 
 
 def _write_split(part, path: Path, dtype: type, counts: np.ndarray | None) -> int:
-    """Write the token ids of a split's documents (their `ids` lists) as one memmap; adds them to `counts`.
-    Returns the number of tokens."""
+    """Write the token ids of a split's documents (their `ids` lists) as one flat array file (read back as a
+    memmap); adds them to `counts`. Returns the number of tokens. Written sequentially, not through a memmap: a
+    full disk is then an OSError (cleaned up), not a SIGBUS that kills the process mid-write."""
     import pyarrow.compute as pc
 
     n = int(sum(part["n"]))
-    arr = np.memmap(path, dtype=dtype, mode="w+", shape=(max(n, 1),))
-    pos = 0
-    for batch in part.with_format("arrow").iter(batch_size=1000):
-        flat = pc.list_flatten(batch["ids"]).to_numpy()  # in Arrow: no Python int per token
-        arr[pos:pos + len(flat)] = flat
-        if counts is not None:
-            counts += np.bincount(flat, minlength=len(counts))
-        pos += len(flat)
-    arr.flush()
+    with open(path, "wb") as f:
+        for batch in part.with_format("arrow").iter(batch_size=1000):
+            flat = pc.list_flatten(batch["ids"]).to_numpy()  # in Arrow: no Python int per token
+            flat.astype(dtype, copy=False).tofile(f)
+            if counts is not None:
+                counts += np.bincount(flat, minlength=len(counts))
+        if n == 0:
+            np.zeros(1, dtype=dtype).tofile(f)  # a memmap needs one element
     return n
 
 

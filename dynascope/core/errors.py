@@ -15,6 +15,16 @@ class Interrupted(Exception):
         self.exit_code = exit_code
 
 
+class Diverged(Interrupted):
+    """Training stopped at a non-finite loss: the run's record says at which step."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: the loss is {loss}; the run's record says so "
+                         "(summary.json train/diverged_step). Lower model.lr or clip gradients harder and start "
+                         "over, or resume with --stop_on_divergence false to train on", 3)
+        self.step = step
+
+
 def require(ok: bool, option: str, value: object, expected: str) -> None:
     """Raise a DynascopeError naming `option` and its `value` unless `ok`."""
     if not ok:

@@ -53,6 +53,8 @@ class ModelConfig:
         for name in ("n_layers", "d_model", "n_heads", "d_mlp", "vocab_size", "context_length"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"model.arch.{name}", value, "must be a positive integer")
+        require(self.context_length >= 2, "model.arch.context_length", self.context_length,
+                "must be at least 2 (a window predicts its next tokens)")
         require(self.activation in ACTIVATIONS, "model.arch.activation", self.activation,
                 f"choose one of {ACTIVATIONS}")
         require(self.norm in NORMS, "model.arch.norm", self.norm, f"choose one of {NORMS}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -21,17 +22,18 @@ from dynascope.core.errors import DynascopeError
 from dynascope.core.io import read_json, read_jsonl, read_yaml
 from dynascope.core.probe import load_probe
 from dynascope.core.runfiles import RunFiles
-from dynascope.core.settings import trajectory
+from dynascope.core.settings import flatten, trajectory
 from dynascope.core.snapshots import read_manifest
 
 _HELD: list[RunLock] = []  # this process's locks
 
 
 class RunLock:
-    """An exclusive lock on RUN_DIR/.lock until `release()` or `release_locks()` (the kernel drops it when
-    the process dies, however it dies)."""
+    """An exclusive lock on DIR/.lock until `release()` or `release_locks()` (the kernel drops it when the
+    process dies, however it dies). A fit refuses a directory another process holds; an analyze (`wait`)
+    waits for it, so two commands writing one table never interleave."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, command: str = "dynascope fit", wait: bool = False):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = RunFiles(run_dir).lock
         self._file = open(self.path, "a+")
@@ -40,12 +42,15 @@ class RunLock:
         except BlockingIOError:
             self._file.seek(0)
             holder = self._file.read().strip() or "another process"
-            self._file.close()
-            raise DynascopeError(f"{run_dir} is in use by {holder}; wait for it to finish, or give another "
-                                 "trainer.default_root_dir") from None
+            if not wait:
+                self._file.close()
+                raise DynascopeError(f"{run_dir} is in use by {holder}; wait for it to finish, or give another "
+                                     "trainer.default_root_dir") from None
+            print(f"dynascope: waiting for {holder} to finish with {run_dir}", file=sys.stderr, flush=True)
+            fcntl.flock(self._file, fcntl.LOCK_EX)
         self._file.seek(0)
         self._file.truncate()
-        self._file.write(f"dynascope fit (pid {os.getpid()})")
+        self._file.write(f"{command} (pid {os.getpid()})")
         self._file.flush()
         _HELD.append(self)
 
@@ -53,6 +58,20 @@ class RunLock:
         self._file.close()
         if self in _HELD:
             _HELD.remove(self)
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a process (a running fit) holds RUN_DIR/.lock now."""
+    lock = RunFiles(run_dir).lock
+    if not lock.exists():
+        return False
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def release_locks() -> None:
@@ -82,10 +101,20 @@ def move_aside(run_dir: Path) -> Path:
     return target
 
 
+def measured(config: dict) -> dict:
+    """The settings of a resolved fit config that say what is measured: the analyses, their options and the probe
+    set (a resume must keep them, or the record would mix two kinds of measurement under one name)."""
+    return {k: v for k, v in flatten(config).items()
+            if k.startswith(("dynamics.analyses", "dynamics.options", "dynamics.probe_"))}
+
+
 def check_files(run_dir: Path) -> None:
     """Read every file of a run, so that a bad one is an error naming it (and its line) now."""
     run = RunFiles(run_dir)
-    read_manifest(run_dir)
+    for step, row in read_manifest(run_dir).items():
+        if not (run.snapshots / row["file"]).is_file():
+            raise DynascopeError(f"snapshot {run.snapshots / row['file']} (step {step} of {run.manifest}) is missing; "
+                                 "restore it from a copy of the run, or start a new run")
     read_jsonl(run.metrics_jsonl, "metrics log")
     for path in (run.summary, run.analysis.summary):
         if path.exists():
@@ -124,14 +153,15 @@ def prepare_run_dir(run_dir: Path, config: dict, ckpt_path: str | None, start_ov
             raise DynascopeError("--ckpt_path resumes a run and --start_over starts a new one; give one of them")
         if not RunFiles(run_dir).config.exists():
             raise DynascopeError(f"--ckpt_path {ckpt_path}: {run_dir} has no config.yaml to resume with")
-        before = trajectory(read_yaml(RunFiles(run_dir).config, "run config"))
-        now = trajectory(config)
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        if changed:
-            shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-            raise DynascopeError(f"cannot resume {run_dir} with settings that change its trajectory ({shown}"
-                                 f"{'; ...' if len(changed) > 4 else ''}); resume with the run's settings, or "
-                                 "start a new run in another directory")
+        old = read_yaml(RunFiles(run_dir).config, "run config")
+        for what, settings in (("its trajectory", trajectory), ("what it measures", measured)):
+            before, now = settings(old), settings(config)
+            changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            if changed:
+                shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+                raise DynascopeError(f"cannot resume {run_dir} with settings that change {what} ({shown}"
+                                     f"{'; ...' if len(changed) > 4 else ''}); resume with the run's settings, or "
+                                     "start a new run in another directory")
         check_files(run_dir)
         return
     if holds_run(run_dir):

@@ -36,6 +36,11 @@ class RecordFiles:
         return f"{type(self).__name__}({str(self.root)!r})"
 
     @property
+    def lock(self) -> Path:
+        """Held by the command writing here: a fit (a run directory), an analyze (its `analysis/`)."""
+        return self.root / ".lock"
+
+    @property
     def metrics_jsonl(self) -> Path:
         return self.root / "metrics.jsonl"
 
@@ -156,9 +161,6 @@ class RunFiles(RecordFiles):
     def counts(self) -> Path:
         return self.root / "counts.npy"
 
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
 
     @property
     def analysis(self) -> RecordFiles:

@@ -10,10 +10,10 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dynascope.core.errors import DynascopeError
+from dynascope.core.errors import DynascopeError, first_line
 from dynascope.core.io import atomic_path, read_jsonl, write_jsonl
 from dynascope.core.runfiles import RunFiles
 
@@ -27,8 +27,15 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(run_dir: str | Path) -> dict[int, dict]:
-    """Manifest rows by step (a step written twice, e.g. after a resume, keeps its last row)."""
-    rows = read_jsonl(RunFiles(run_dir).manifest, "snapshot manifest")
+    """Manifest rows by step (a step written twice, e.g. after a resume, keeps its last row); a row without
+    its step, file or sha256 is an error naming the manifest."""
+    path = RunFiles(run_dir).manifest
+    rows = read_jsonl(path, "snapshot manifest")
+    for n, row in enumerate(rows, start=1):
+        lacking = [k for k in ("step", "file", "sha256") if k not in row]
+        if lacking or not isinstance(row["step"], int):
+            raise DynascopeError(f"snapshot manifest {path} line {n} lacks {', '.join(lacking) or 'an integer step'}; "
+                                 "restore the manifest from a copy of the run")
     return {r["step"]: r for r in rows}
 
 
@@ -38,9 +45,15 @@ def write_snapshot(run_dir: str | Path, step: int, state_dict: dict[str, torch.T
     rows = read_manifest(run_dir)  # read first: a bad manifest stops us before anything is written
     # copies: tied weights appear under two names sharing memory, which safetensors refuses
     tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in state_dict.items()}
+    finite = all(bool(t.isfinite().all()) for t in tensors.values())
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"step": str(step)})
-        rows[step] = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta}
+        try:
+            save_file(tensors, str(tmp), metadata={"step": str(step)})
+        except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+            raise DynascopeError(f"snapshot {path} could not be written ({first_line(e)}); free space or make "
+                                 "it writable, then resume with --ckpt_path last") from None
+        rows[step] = {"step": step, "file": path.name, "sha256": sha256_file(tmp), **meta,
+                      **({} if finite else {"nonfinite": True})}  # diverged weights: nothing measures them
     write_jsonl(RunFiles(run_dir).manifest, [rows[s] for s in sorted(rows)])
     return path
 
