@@ -62,6 +62,9 @@ def test_a_run_that_goes_on_marks_nonfinite_snapshots_and_nothing_is_measured_on
     assert offline == set(manifest) - set(bad)
     # the first non-finite loss comes a step before the first non-finite weights (its update makes them)
     assert json.loads(RunFiles(run).summary.read_text())["train/diverged_step"] == bad[0] - 1
+    main(["report", str(run)])
+    assert f"diverged at step {bad[0] - 1} (a non-finite training loss" in (RunFiles(run).report / "index.html"
+                                                                           ).read_text()
 
 
 def test_loss_spikes_are_events_and_their_window_survives_a_resume():

@@ -163,6 +163,9 @@ def verdict(analysis: type[Analysis], history: RunHistory, events: dict[str, tup
 def _header(history: RunHistory) -> str:
     first, last = history.rows[0], history.rows[-1]
     parts = [f"{len(history.rows)} checkpoints, steps {first['step']:.0f}–{last['step']:.0f}"]
+    if history.summary.get("train/diverged_step") is not None:
+        parts.append(f"diverged at step {history.summary['train/diverged_step']:.0f} (a non-finite training loss; "
+                     "later snapshots with non-finite weights are not measured)")
     if finite(last.get("tokens_seen")):
         parts.append(f"{last['tokens_seen']:,.0f} tokens")
     if history.config:
