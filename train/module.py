@@ -71,7 +71,8 @@ class LanguageModel(L.LightningModule):
         logits = self._train_forward(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
         if not torch.isfinite(loss):
-            self.diverged_step = self.global_step if self.diverged_step is None else self.diverged_step
+            if self.diverged_step is None:
+                self.diverged_step = self.global_step
             if self.stop_on_divergence:  # before this step's update: the weights stay finite
                 raise Diverged(self.global_step, loss.item())
         self.log("train/loss", loss, prog_bar=True)
