@@ -373,7 +373,8 @@ class LensView(ModelView):
         return self.model.ln_final(h)
 
     def final_norm_gain(self) -> torch.Tensor:  # LNPre and RMSPre (weights folded) have no gain of their own
-        return getattr(self.model.ln_final, "w", None) or torch.ones(self.shape.d_model, device=self.device)
+        gain = getattr(self.model.ln_final, "w", None)
+        return torch.ones(self.shape.d_model, device=self.device) if gain is None else gain
 
     def final_norm_bias(self) -> torch.Tensor | None:
         return getattr(self.model.ln_final, "b", None)

@@ -99,3 +99,19 @@ def test_the_readme_notebook_section_runs(tiny_run, monkeypatch):
     assert {"hf", "lens", "run"} <= set(scope)
     assert scope["hf"].shape == (1, scope["lens"].shape[1])  # the same keys from both models
     assert scope["run"].metrics.index[-1] == 7
+
+
+def test_the_three_views_give_the_same_weights():
+    from dynascope.analysis.view import view_of
+
+    views = [view_of(m) for m in three_views()]
+    ours = views[0]
+    for view in views[1:]:
+        assert view.shape == ours.shape
+        torch.testing.assert_close(view.output_embeddings, ours.output_embeddings)
+        torch.testing.assert_close(view.final_norm_gain(), ours.final_norm_gain())
+        torch.testing.assert_close(view.final_norm_bias(), ours.final_norm_bias())
+        for layer in range(CONFIG.n_layers):
+            torch.testing.assert_close(view.mlp_in(layer), ours.mlp_in(layer))
+            torch.testing.assert_close(view.mlp_values(layer), ours.mlp_values(layer))
+            torch.testing.assert_close(view.mlp_out_bias(layer), ours.mlp_out_bias(layer))
