@@ -102,6 +102,7 @@ def test_progress_shows_within_the_first_measurement_and_each_replayed_checkpoin
     fit = subprocess.run([sys.executable, "-m", "dynascope.cli", *args], capture_output=True, text=True, cwd=REPO)
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "analysing step 0" in fit.stdout and "probe batch 1/" in fit.stdout
+    assert "Tip:" not in fit.stdout + fit.stderr and "`srun` command" not in fit.stderr  # Lightning's noise
     assert fit.stdout.index("analysing step 0") < fit.stdout.index("training:")
     run = copy_run(tiny_run, tmp_path / "copy")
     replay = subprocess.run([sys.executable, "-m", "dynascope.cli", "analyze", str(run), "--redo", "--no_plot",

@@ -13,6 +13,7 @@ only then runs `Trainer.fit` itself with the checkpoint it resolved (`--ckpt_pat
 
 from __future__ import annotations
 
+import logging
 import pickle
 import signal
 import warnings
@@ -195,9 +196,21 @@ def build_fit(args: list[str] | None = None) -> DynascopeCLI:
                             parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False})
 
 
+class _LightningAdverts(logging.Filter):
+    """Drops Lightning's product tips from its log (a run's terminal output is the run's)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
 def fit_cli(args: list[str] | None = None) -> None:
     """`dynascope fit`: however it ends, the run's record is closed and its directory released."""
     cli = None
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LightningAdverts())
+    # dynascope's Slurm templates launch with srun; a run started by hand on a Slurm machine is meant as one
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    # Lightning's own deprecation under torch 2.13, which a user cannot act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         cli = build_fit(args)
         cli.fit()
