@@ -3,12 +3,14 @@
 Every option of the model (`--model.arch.*`, `--model.lr`, ...), the data (`--data.*`), the Trainer
 (`--trainer.*`), the snapshot schedule (`--snapshots.*`), the resume checkpoints (`--checkpoints.*`),
 the analyses (`--dynamics.*`) and the run's outputs (`--outputs`) can be set in the YAML or on the
-command line; `--help` documents each. The run directory is trainer.default_root_dir.
+command line; `dynascope fit --help_all` documents each. The run directory is trainer.default_root_dir.
 
 The run's record goes through one `Recorder` (rank 0): metrics.jsonl, summary.json and tables/, and the
 outputs `--outputs` names (the presets: the wandb run). Lightning reaches it through a `RecordLogger`, the
 analyses through `DynamicsCallback`. The CLI parses and checks everything, holds the run directory, and
-only then runs `Trainer.fit` itself with the checkpoint it resolved (`--ckpt_path`).
+only then runs `Trainer.fit` itself with the checkpoint it resolved (`--ckpt_path`, loaded weights-only). A
+non-finite loss ends the fit (`Diverged`, exit 3) unless `--stop_on_divergence false`; either way the summary
+records `train/diverged_step`. `LossSpikes` watches every run.
 """
 
 from __future__ import annotations

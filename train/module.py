@@ -1,4 +1,9 @@
-"""The LightningModule that pretrains a `Transformer` with AdamW and warmup + cosine decay."""
+"""The LightningModule that pretrains a `Transformer` with AdamW and warmup + cosine decay.
+
+A non-finite loss is caught before its backward pass: the first such step is `diverged_step`, and with
+`stop_on_divergence` (the default) training ends there (`Diverged`), its weights still finite. The check is
+one host sync per step.
+"""
 
 from __future__ import annotations
 
