@@ -29,6 +29,7 @@ from dynascope.analysis.view import TransformerView
 from dynascope.callbacks.snapshots import OnSchedule, Snapshots
 from dynascope.core.errors import require
 from dynascope.core.probe import load_probe, sample_probe, save_probe, shard
+from dynascope.core.records import MEASURED_KEY
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.schedule import CheckpointSchedule
 from dynascope.outputs import Recorder
@@ -107,7 +108,7 @@ class DynamicsCallback(OnSchedule):
         super().on_train_batch_end(trainer, pl_module, *args)
 
     def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int) -> None:
-        finite = all(bool(p.isfinite().all()) for p in pl_module.parameters())
+        finite = bool(torch.stack([p.isfinite().all() for p in pl_module.parameters()]).all())  # one host sync
         if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             return  # a diverged run trained on (--stop_on_divergence false): NaN weights yield no "findings"
         start = time.perf_counter()
@@ -124,7 +125,7 @@ class DynamicsCallback(OnSchedule):
         pl_module.train(was_training)
         seconds = time.perf_counter() - start
         self.seconds += seconds
-        record.values["dynamics/seconds"] = seconds
+        record.values[MEASURED_KEY] = seconds
         record.values |= {f"dynamics/seconds/{name}": s for name, s in record.seconds.items()}
         if self.recorder is not None:
             self.recorder.write(record)

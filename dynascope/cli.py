@@ -383,6 +383,7 @@ FIT_USAGE = """usage: dynascope fit --config CONFIG [--SECTION.OPTION VALUE ...]
   --print_config      print the resolved configuration and exit
   --report false      leave out the plots and the report page at the end
   --start_over true   start a new run in a directory that holds one, moving the old run aside
+  --stop_on_divergence false   train on past a non-finite loss (default: stop there, exit 3)
 
 Every option of each section can be set in the YAML or as --SECTION.OPTION:
   --model.*           the architecture (--model.arch.n_layers, .d_model, .activation, ...), the optimizer (--model.lr)
@@ -440,8 +441,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except OSError as e:  # a full disk, a read-only file system, a missing permission: what, where, what to do
         where = f"{e.filename}: " if e.filename else ""
-        print(f"dynascope: error: {where}{e.strerror or e}; free space or make it writable, then run the command "
-              "again (files already written are whole)", file=sys.stderr)
+        print(f"dynascope: error: {where}{e.strerror or e}; check that it exists and is writable and that its disk "
+              "has space, then run the command again (files already written are whole)", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
         print(f"dynascope: {e}", file=sys.stderr)

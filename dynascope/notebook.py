@@ -2,8 +2,8 @@
 
 `measure` runs the same `measure` routine as training and replay on models held in memory: dynascope's own
 `Transformer`, a Hugging Face causal LM (`transformers`) or a TransformerLens `HookedTransformer`, one
-checkpoint or several in training order (analyses with a carry, e.g. dist-to-previous, compare each with
-the one before). `load_run` reads a run directory (or an `analyze --hf` output directory) back as
+checkpoint or several in training order (analyses with a carry, e.g. the unembedding's change per step,
+compare each with the one before). `load_run` reads a run directory (or an `analyze --hf` output directory) back as
 DataFrames.
 """
 

@@ -39,6 +39,7 @@ from dynascope.callbacks.snapshots import Snapshots
 from dynascope.callbacks.stability import LossSpikes
 from dynascope.core.data import DataConfig
 from dynascope.core.errors import DynascopeError, Interrupted, require
+from dynascope.core.records import DIVERGED_KEY
 from dynascope.core.rundir import RunLock, holds_run, prepare_run_dir, release_locks, resolve_checkpoint
 from dynascope.core.runfiles import RunFiles
 from dynascope.core.settings import trajectory_hash
@@ -160,7 +161,7 @@ class DynascopeCLI(LightningCLI):
                                  "from another checkpoint") from None
         finally:  # the record says that the run diverged and where, whether it stopped there or trained on
             if self.model.diverged_step is not None and self.recorder is not None:
-                self.recorder.log_summary({"train/diverged_step": self.model.diverged_step})
+                self.recorder.log_summary({DIVERGED_KEY: self.model.diverged_step})
         finished = trainer.global_step >= trainer.max_steps
         pictures = draw_pages(self.run_dir) if self.config.report and finished and trainer.is_global_zero else None
         self.close(pictures=pictures)
@@ -205,10 +206,13 @@ class _LightningAdverts(logging.Filter):
         return not str(record.msg).startswith("💡 Tip:")
 
 
+_ADVERTS = _LightningAdverts()  # one instance: adding it again (a second fit in one process) is a no-op
+
+
 def fit_cli(args: list[str] | None = None) -> None:
     """`dynascope fit`: however it ends, the run's record is closed and its directory released."""
     cli = None
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_LightningAdverts())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_ADVERTS)
     # dynascope's Slurm templates launch with srun; a run started by hand on a Slurm machine is meant as one
     warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     # Lightning's own deprecation under torch 2.13, which a user cannot act on

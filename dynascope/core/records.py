@@ -18,6 +18,8 @@ from dynascope.core.io import read_json, read_jsonl, read_yaml
 from dynascope.core.runfiles import RecordFiles, RunFiles
 
 STEP_KEY = "trainer/global_step"
+MEASURED_KEY = "dynamics/seconds"  # what a measurement took: every row of a measurement online holds it
+DIVERGED_KEY = "train/diverged_step"  # the summary's first step with a non-finite training loss
 CSV_INDEX = ("step", "tokens_seen", "label")
 LAYER = re.compile(r"^(.+)/L(\d+)$")  # a per-layer key: metric, layer
 
@@ -79,7 +81,8 @@ def _finite(value) -> bool:
 @dataclass
 class RunHistory:
     """A run's record as the pages draw it: one row per measured step (`step`, `tokens_seen`, the keys), the
-    directory of its tables, its summary events and config (None for an `analyze --hf` output directory)."""
+    directory of its tables, its summary events and config (None for an `analyze --hf` output directory), and
+    every row training logged (metrics.jsonl; none for an `analyze --hf` output directory)."""
 
     name: str
     rows: list[dict]
@@ -87,6 +90,7 @@ class RunHistory:
     files: RecordFiles  # where its tables (and the offline summary) are: root, or root/analysis
     summary: dict
     config: dict | None
+    logged: list[dict]
 
     @classmethod
     def load(cls, directory: str | Path) -> RunHistory:
@@ -94,7 +98,8 @@ class RunHistory:
         table of `dynascope analyze` (with the keys only it has), in a run directory or an `analyze --hf` output
         directory."""
         run = RunFiles(directory)
-        rows = {r[STEP_KEY]: dict(r, step=r[STEP_KEY]) for r in read_metrics(run.root) if "dynamics/seconds" in r}
+        logged = read_metrics(run.root)
+        rows = {r[STEP_KEY]: dict(r, step=r[STEP_KEY]) for r in logged if MEASURED_KEY in r}
         out = run.analysis if run.analysis.metrics_csv.exists() or rows else run
         if out.metrics_csv.exists():
             for r in read_csv(out.metrics_csv):
@@ -107,7 +112,7 @@ class RunHistory:
         for path in (run.summary, files.summary):  # online, then offline
             summary |= read_json(path, "run summary") if path.exists() else {}
         config = read_yaml(run.config, "run config") if run.config.exists() else None
-        return cls(run.root.resolve().name, [rows[s] for s in sorted(rows)], run, files, summary, config)
+        return cls(run.root.resolve().name, [rows[s] for s in sorted(rows)], run, files, summary, config, logged)
 
     @property
     def n_layers(self) -> int:

@@ -22,7 +22,7 @@ from dynascope.core.errors import DynascopeError
 from dynascope.core.io import read_json, read_jsonl, read_yaml
 from dynascope.core.probe import load_probe
 from dynascope.core.runfiles import RunFiles
-from dynascope.core.settings import flatten, trajectory
+from dynascope.core.settings import measured, trajectory
 from dynascope.core.snapshots import read_manifest
 
 _HELD: list[RunLock] = []  # this process's locks
@@ -99,13 +99,6 @@ def move_aside(run_dir: Path) -> Path:
         target = target.with_name(target.name + "_")
     run_dir.rename(target)
     return target
-
-
-def measured(config: dict) -> dict:
-    """The settings of a resolved fit config that say what is measured: the analyses, their options and the probe
-    set (a resume must keep them, or the record would mix two kinds of measurement under one name)."""
-    return {k: v for k, v in flatten(config).items()
-            if k.startswith(("dynamics.analyses", "dynamics.options", "dynamics.probe_"))}
 
 
 def check_files(run_dir: Path) -> None:

@@ -38,6 +38,14 @@ def trajectory(config: dict) -> dict[str, Any]:
     return chosen
 
 
+def measured(config: dict) -> dict[str, Any]:
+    """The settings of a resolved fit config (or a run's config.yaml) that say what is measured: the analyses,
+    their options and the probe set, flattened (a resume must keep them, or the record would mix two kinds of
+    measurement under one name)."""
+    return {k: v for k, v in flatten(config).items()
+            if k.startswith(("dynamics.analyses", "dynamics.options", "dynamics.probe_"))}
+
+
 def trajectory_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(trajectory(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -74,7 +74,6 @@ def load_snapshot(run_dir: str | Path, step: int, verify: bool = True,
         raise DynascopeError(f"snapshot {path} cannot be read ({e}); the file is corrupt") from None
 
 
-
 def load_snapshot_tensor(run_dir: str | Path, step: int, name: str) -> torch.Tensor:
     """One tensor of a snapshot, read alone (on the CPU, not checked against the manifest)."""
     path = RunFiles(run_dir).snapshot(step)

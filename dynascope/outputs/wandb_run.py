@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dynascope.core.io import atomic_write_text, read_json
-from dynascope.core.records import LAYER, STEP_KEY, Table, read_metrics
+from dynascope.core.records import LAYER, MEASURED_KEY, STEP_KEY, Table, read_metrics
 from dynascope.core.settings import trajectory
 from dynascope.outputs.base import Destination, Sink
 
@@ -143,7 +143,7 @@ class WandbRun(Sink):
             self._declared.add(key)
         if any(LAYER.match(k) for k in values):
             self._layer_rows.append({STEP_KEY: step, **values})
-        if "dynamics/seconds" in values and (self._last_measured is None or step >= self._last_measured[0]):
+        if MEASURED_KEY in values and (self._last_measured is None or step >= self._last_measured[0]):
             self._last_measured = (step, values.get("tokens_seen", float("nan")))
         self.run.log({STEP_KEY: step, **values})
 

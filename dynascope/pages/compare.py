@@ -3,7 +3,7 @@
 It takes run directories of `dynascope fit` and output directories of `dynascope analyze --hf`, mixed,
 and writes `index.html` (every figure embedded as a PNG, also saved beside it). Each run is named by the
 settings in which its config.yaml differs from the other runs' (those that shape the training trajectory,
-and the analyses' settings; flattened; `model.arch.activation` shows as `activation` unless two settings
+`trajectory`, and those that say what is measured, `measured`; flattened; `model.arch.activation` shows as `activation` unless two settings
 end alike); an `analyze --hf` directory by its name. One run given twice is an error. Runs that
 differ only in seeds (settings named like `seed_everything`, `data.seed`) form a group, drawn as the
 mean over its runs with a band from the smallest to the largest value (the interquartile range from 4
@@ -32,13 +32,8 @@ from dynascope.core.errors import DynascopeError
 from dynascope.core.io import ensure_writable
 from dynascope.core.records import RunHistory
 from dynascope.core.runfiles import RunFiles
-from dynascope.core.settings import flatten, short_keys, trajectory, value_text
+from dynascope.core.settings import measured, short_keys, trajectory, value_text
 from dynascope.pages.report import embed, write_page
-
-
-def settings(config: dict) -> dict[str, Any]:
-    """What a run trained (the settings that shape its trajectory, `trajectory`) and what it measured."""
-    return trajectory(config) | {k: v for k, v in flatten(config).items() if k.startswith("dynamics.options")}
 
 
 @dataclass
@@ -74,7 +69,7 @@ def load_groups(directories: list[str | Path]) -> list[Group]:
             raise DynascopeError(f"{d} is neither a run directory of `dynascope fit` (config.yaml, metrics.jsonl) nor "
                                  "an output directory of `dynascope analyze --hf` (metrics.csv); give one of those")
         runs.append(RunHistory.load(d))
-    flat = {id(r): settings(r.config) for r in runs if r.config}
+    flat = {id(r): trajectory(r.config) | measured(r.config) for r in runs if r.config}  # what it trained, measured
     # settings every config has (an older dynascope lacks newer options) with more than one value
     keys = [k for k in dict.fromkeys(k for f in flat.values() for k in f) if all(k in f for f in flat.values())]
     differ = [k for k in keys if len({json.dumps(f[k], default=str) for f in flat.values()}) > 1]

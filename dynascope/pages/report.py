@@ -30,7 +30,7 @@ from dynascope.analysis.onsets import Event, history_from_tables, onset_distribu
 from dynascope.analysis.view import ModelShape
 from dynascope.core.io import atomic_path, ensure_writable, read_json
 from dynascope.core.model import ModelConfig
-from dynascope.core.records import STEP_KEY, RunHistory, read_metrics
+from dynascope.core.records import DIVERGED_KEY, STEP_KEY, RunHistory
 from dynascope.core.version import __version__
 from dynascope.pages.onsets import COLUMNS, onset_rows
 
@@ -111,7 +111,7 @@ def _about(history: RunHistory) -> str:
 
 def training_loss(history: RunHistory) -> Figure | None:
     """The training loss of each logged step, with the probe loss of each measured checkpoint."""
-    logged = [(r[STEP_KEY], r["train/loss"]) for r in read_metrics(history.root.root) if finite(r.get("train/loss"))]
+    logged = [(r[STEP_KEY], r["train/loss"]) for r in history.logged if finite(r.get("train/loss"))]
     probe = [(r["step"], r["basic/probe_loss"]) for r in history.rows if finite(r.get("basic/probe_loss"))]
     if not logged and not probe:
         return None
@@ -163,8 +163,8 @@ def verdict(analysis: type[Analysis], history: RunHistory, events: dict[str, tup
 def _header(history: RunHistory) -> str:
     first, last = history.rows[0], history.rows[-1]
     parts = [f"{len(history.rows)} checkpoints, steps {first['step']:.0f}–{last['step']:.0f}"]
-    if history.summary.get("train/diverged_step") is not None:
-        parts.append(f"diverged at step {history.summary['train/diverged_step']:.0f} (a non-finite training loss; "
+    if history.summary.get(DIVERGED_KEY) is not None:
+        parts.append(f"diverged at step {history.summary[DIVERGED_KEY]:.0f} (a non-finite training loss; "
                      "later snapshots with non-finite weights are not measured)")
     if finite(last.get("tokens_seen")):
         parts.append(f"{last['tokens_seen']:,.0f} tokens")
