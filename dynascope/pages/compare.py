@@ -1,16 +1,16 @@
 """`dynascope compare`: one page overlaying the headline curves of several runs.
 
-It takes run directories of `dynascope fit` and output directories of `dynascope analyze --hf`, mixed,
-and writes `index.html` (every figure embedded as a PNG, also saved beside it). Each run is named by the
-settings in which its config.yaml differs from the other runs' (those that shape the training trajectory,
-`trajectory`, and those that say what is measured, `measured`; flattened; `model.arch.activation` shows as `activation` unless two settings
-end alike); an `analyze --hf` directory by its name. One run given twice is an error. Runs that
-differ only in seeds (settings named like `seed_everything`, `data.seed`) form a group, drawn as the
-mean over its runs with a band from the smallest to the largest value (the interquartile range from 4
-runs). A group is drawn only at the steps all its runs measured: nothing is interpolated, and a run or
-group shows markers at its own steps. Per-layer metrics get a panel for the first layer and one for the
-last (each run's own). Panels whose curves never change are left out. A table gives each run's and each
-group's emergence and convergence steps (summary.json), a group's as its range over the seeds.
+It takes run directories of `dynascope fit` and output directories of `dynascope analyze --hf`, mixed, and
+writes `index.html` (every figure embedded as a PNG, also saved beside it). Each run is named by the settings
+in which its config.yaml differs from the other runs' (those that shape the training trajectory, `trajectory`,
+and those that say what is measured, `measured`; flattened; `model.arch.activation` shows as `activation`
+unless two settings end alike); an `analyze --hf` directory by its name. One run given twice is an error. Runs
+that differ only in seeds (settings named like `seed_everything`, `data.seed`) form a group, drawn as the mean
+over its runs with a band from the smallest to the largest value (the interquartile range from 4 runs). A
+group is drawn only at the steps all its runs measured: nothing is interpolated, and a run or group shows
+markers at its own steps. Per-layer metrics get a panel for the first layer and one for the last (each run's
+own). Panels whose curves never change are left out. A table gives each run's and each group's emergence and
+convergence steps (summary.json), a group's as its range over the seeds.
 """
 
 from __future__ import annotations
