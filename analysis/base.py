@@ -51,9 +51,13 @@ if TYPE_CHECKING:
     from dynascope.analysis.figures import RunPlot
 
 REGISTRY: dict[str, type[Analysis]] = {}
-# Not a hook: an analysis that lists it in hook_names() finds the forward pass's log-probabilities [B, T, V]
-# (fp32) in its cache, computed once per probe batch for every analysis that asks.
-LOGPROBS = "logprobs"
+# Not hooks: an analysis that lists any in hook_names() finds the forward pass's next-token distribution in its
+# cache, computed once per probe batch for every analysis that asks: PROBS, the softmax of the logits [B, T, V];
+# LOGSUMEXP, their log-partition [B, T] (log p = logits − LOGSUMEXP), both fp32; and TOP1, the argmax token [B, T].
+PROBS = "probs"
+LOGSUMEXP = "logsumexp"
+TOP1 = "top1"
+HEAD = (PROBS, LOGSUMEXP, TOP1)
 
 
 class Measurement:

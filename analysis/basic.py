@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement
+from dynascope.analysis.base import LOGSUMEXP, Analysis, AnalysisContext, Measurement
 from dynascope.analysis.view import Cache, ModelShape
 
 
@@ -31,13 +31,14 @@ class Basic(Analysis):
         self.add_state("n_positions", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def hook_names(self) -> list[str]:
-        return [*self.resid_names(), LOGPROBS]
+        return [*self.resid_names(), LOGSUMEXP]
 
     def resid_names(self) -> list[str]:
         return [f"blocks.{l}.hook_resid_post" for l in range(self.shape.n_layers)]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        nll = -cache[LOGPROBS][:, :-1].gather(-1, tokens[:, 1:, None])  # the last position has no next token
+        gold_logits = logits[:, :-1].float().gather(-1, tokens[:, 1:, None]).squeeze(-1)  # the last has no next token
+        nll = cache[LOGSUMEXP][:, :-1] - gold_logits
         self.loss_sum += nll.sum().double()
         self.n_predictions += nll.numel()
         norms = torch.stack([cache[n].float().norm(dim=-1).sum() for n in self.resid_names()])

@@ -1,8 +1,8 @@
 """One measurement of one checkpoint: the routine that training and offline replay share.
 
 `measure` binds the checkpoint's view and step to every analysis, runs one no-grad forward pass per
-probe batch with the union of the requested hooks (and its log-probabilities, once, for the analyses that
-ask for `LOGPROBS`), feeds every analysis from it (with the batch's
+probe batch with the union of the requested hooks (and its next-token distribution, once, for the analyses
+that ask for `PROBS`, `LOGSUMEXP` or `TOP1`), feeds every analysis from it (with the batch's
 global probe-window indices), then per analysis computes (a collective under torch.distributed;
 analyses that read another's result come after it), judges its events (`Analysis.conclude`), advances its
 carry and resets its states. It
@@ -19,17 +19,22 @@ from collections.abc import Callable
 
 import torch
 
-from dynascope.analysis.base import LOGPROBS, Analysis, Measurement
+from dynascope.analysis.base import HEAD, LOGSUMEXP, PROBS, TOP1, Analysis, Measurement
 from dynascope.analysis.view import ModelView
 from dynascope.core.records import CheckpointRecord
 
 
 def probe_pass(view: ModelView, tokens: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict]:
-    """One forward pass: the logits and the activations at the hook `names`, with `LOGPROBS` among them when
-    asked for."""
-    logits, cache = view.run_with_cache(tokens, [n for n in names if n != LOGPROBS])
-    if LOGPROBS in names:
-        cache[LOGPROBS] = logits.float().log_softmax(-1)
+    """One forward pass: the logits and the activations at the hook `names`, with `PROBS`, `LOGSUMEXP` and `TOP1`
+    among them when any is asked for."""
+    logits, cache = view.run_with_cache(tokens, [n for n in names if n not in HEAD])
+    if set(HEAD) & set(names):
+        z = logits.float()
+        probs = z.softmax(-1)
+        top = z.max(-1)
+        # log Σ exp z = z_top − log p_top (p_top ≥ 1/V keeps the log well conditioned): one pass, not logsumexp's three
+        cache[LOGSUMEXP] = top.values - probs.gather(-1, top.indices[..., None]).squeeze(-1).log()
+        cache[PROBS], cache[TOP1] = probs, top.indices
     return logits, cache
 
 

@@ -57,9 +57,14 @@ def weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> 
     """The q-quantile of `values` [n] under each row of `weights` [B, n] (the smallest value whose cumulative
     weight reaches q of the row's total): [B]."""
     order = values.argsort()
-    cumulative = weights[:, order].cumsum(1)
+    return sorted_weighted_quantile(values[order], weights[:, order], q)
+
+
+def sorted_weighted_quantile(values: torch.Tensor, weights: torch.Tensor, q: float) -> torch.Tensor:
+    """`weighted_quantile` of `values` sorted ascending, `weights` [B, n] in their order."""
+    cumulative = weights.cumsum(1)
     index = torch.searchsorted(cumulative, q * cumulative[:, -1:]).clamp_max(len(values) - 1)
-    return values[order][index.squeeze(1)]
+    return values[index.squeeze(1)]
 
 
 @dataclass(frozen=True)

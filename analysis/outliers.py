@@ -21,7 +21,7 @@ tables `outliers/dims` (the ODs) and `outliers/medians` (the 32 largest m_d / T 
 The head's predictions (fp32, zero-ablation after the final norm, no renormalisation): for a set S
 of removed dimensions the logits are z − H[:, S]·E[:, S]ᵀ (E the unembedding [V, d], z the full
 logits). Conditions: `full` (nothing removed; logged at every checkpoint, a baseline before ODs
-emerge; read off the forward pass's own log-probabilities), `ablate` (S = the ODs), `only_od` (S = every
+emerge; read off the forward pass's own distribution), `ablate` (S = the ODs), `only_od` (S = every
 other dimension: the ODs alone), and the authors' two controls, each over 5 random sets of the ODs' size
 drawn (fixed seed) from the dimensions that are neither ODs nor outlier dimensions of the unembedding
 itself (the same rule on E, medians over the vocabulary: the authors' `rd_out`): `random` (a set ablated)
@@ -78,9 +78,9 @@ import numpy as np
 import torch
 from torchmetrics.utilities import dim_zero_cat
 
-from dynascope.analysis.base import LOGPROBS, Analysis, AnalysisContext, Measurement, Table
+from dynascope.analysis.base import LOGSUMEXP, PROBS, TOP1, Analysis, AnalysisContext, Measurement, Table
 from dynascope.analysis.figures import Panel, RunPlot, finite, time_colors
-from dynascope.analysis.onsets import Event, resample_counts, weighted_quantile
+from dynascope.analysis.onsets import Event, resample_counts, sorted_weighted_quantile
 from dynascope.analysis.view import Cache, ModelShape, ModelView
 
 if TYPE_CHECKING:
@@ -157,21 +157,29 @@ def resampled_scores(h: torch.Tensor, window: torch.Tensor, candidates: torch.Te
     from the top 2% of |h|'s entries (the 99th percentile of a replicate lies among them), the medians of the
     `candidates` (the dimensions with the largest median / T)."""
     ids, position_window = torch.unique(window, return_inverse=True)
-    counts = resample_counts(len(ids)).to(h.device)
-    a = h.abs().double()
+    counts = resample_counts(len(ids)).to(h.device)  # [R, windows]: a position weighs its window's count
+    a, hd = h.abs().double(), h.double()
     top = a.flatten().topk(max(1, math.ceil(0.02 * a.numel())))
-    top_rows = top.indices // a.shape[1]
+    top_windows = position_window[top.indices // a.shape[1]]
+    columns = [a[:, c].sort() for c in candidates.tolist()]  # sorted once, weighed anew by each replicate
+
+    def per_window(x: torch.Tensor) -> torch.Tensor:  # sums over each window's positions, which counts weigh
+        return torch.zeros(len(ids), *x.shape[1:], dtype=torch.float64, device=h.device).index_add_(
+            0, position_window, x)
+
+    n, s1, s2 = per_window(torch.ones_like(hd[:, 0])), per_window(hd), per_window(hd.square().sum(1))
     score, share = [], []
     for i in range(0, len(counts), chunk):
-        w = counts[i:i + chunk][:, position_window]  # [b, N] each position's weight
+        w = counts[i:i + chunk]
+        total = w @ n  # [b] positions in each replicate
         # T: the value at which the weight counted from the top reaches 1% of all entries' weight
-        from_top = w[:, top_rows].cumsum(1)
-        k = torch.searchsorted(from_top, 0.01 * a.shape[1] * w.sum(1, keepdim=True)).clamp_max(len(top_rows) - 1)
+        from_top = w[:, top_windows].cumsum(1)
+        k = torch.searchsorted(from_top, 0.01 * a.shape[1] * total[:, None]).clamp_max(len(top_windows) - 1)
         T = top.values[k.squeeze(1)]
-        medians = torch.stack([weighted_quantile(a[:, c], w, 0.5) for c in candidates.tolist()], 1)
+        medians = torch.stack([sorted_weighted_quantile(c.values, w[:, position_window[c.indices]], 0.5)
+                               for c in columns], 1)
         score += (medians.amax(1) / T).tolist()
-        s1, s2 = w @ h.double(), w @ h.double().square().sum(1)
-        share += (1 - s1.square().sum(1) / (w.sum(1) * s2)).tolist()
+        share += (1 - (w @ s1).square().sum(1) / (total * (w @ s2))).tolist()
     return {"outliers/score_max": score, "outliers/h_varying_share": share}
 
 
@@ -298,24 +306,24 @@ class Outliers(Analysis):
         self.add_state("h", default=[], dist_reduce_fx="cat")
         self.add_state("gold", default=[], dist_reduce_fx="cat")
         self.add_state("window", default=[], dist_reduce_fx="cat")  # each position's probe window
-        # the full head at the same positions, from the forward pass's log-probabilities
+        # the full head at the same positions, from the forward pass's distribution
         self.add_state("top1", default=[], dist_reduce_fx="cat")
         self.add_state("entropy_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
         self.prev_ods: list[int] | None = None
 
     def hook_names(self) -> list[str]:
-        return ["ln_final.hook_normalized", LOGPROBS]
+        return ["ln_final.hook_normalized", PROBS, LOGSUMEXP, TOP1]
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
         keep = deep_positions(tokens, self.skip_positions, self.context.eos_id)
-        gold, lp = tokens.roll(-1, dims=1)[keep], cache[LOGPROBS][keep]
+        gold, top1 = tokens.roll(-1, dims=1)[keep], cache[TOP1][keep]
         self.h.append(cache["ln_final.hook_normalized"][keep].float())
         self.gold.append(gold)
         self.window.append(windows[:, None].expand_as(keep)[keep])
-        top1 = lp.argmax(-1)
         self.top1.append(top1)
-        self.entropy_sum -= (lp.exp() * lp).sum().double()
+        mean_logit = torch.einsum("btv,btv->bt", cache[PROBS], logits.float())  # Σ p·z: a batched dot, no [B, T, V]
+        self.entropy_sum += (cache[LOGSUMEXP] - mean_logit)[keep].sum().double()  # H = logsumexp − Σ p·z
         self.correct += (top1 == gold).sum()
 
     def compute(self) -> Measurement:

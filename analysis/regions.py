@@ -26,11 +26,11 @@ half (B), `pairs_per_window` per window (default 2, so 128 pairs for the default
 the two prompts come from different windows, so from different documents unless the two windows
 overlap one. A window without a partner in its batch pairs with itself.
 
-Cost: the patch is at the last position, so every earlier position is the clean pass's. On
-dynascope's own model the view recomputes only the last position from block w + 1 on, over the
-clean prefix's keys and values (`TransformerView.patch_last_position`); Hugging Face models take
-one full patched pass per α. The two agree to float32 rounding (≤ 4e-5 on sharpness, measured on
-the demo's snapshots).
+Cost: the patch is at the last position, so every earlier position is the clean pass's. On dynascope's
+own model the view recomputes only the last position from block w + 1 to the final norm, over the clean
+prefix's keys and values (`TransformerView.patch_last_position`); Hugging Face models take one full
+patched pass per α. The two agree to float32 rounding (≤ 4e-5 on sharpness, measured on the demo's
+snapshots). Only the two points `kl_mid` compares are unembedded.
 
 Departures from the paper: the default grid has N = 21 points (the paper's figures use 50, its
 scripts 11 or 30); S depends on N, so keep it fixed across runs.
@@ -110,12 +110,11 @@ class Regions(Analysis):
         for w, site in zip(self.write_layers, sites, strict=True):
             a, b = clean[site][:, -1].float(), clean_b[site][:, -1].float()
             x = a[:, None] + alpha[None, :, None] * (b - a)[:, None]  # [P, N, d]
-            lps, outs, pres = [], [], []
+            outs, pres = [], []
             for i in range(0, len(A), per_chunk):
-                lg, c = view.patch_last_position(A[i:i + per_chunk], w, x[i:i + per_chunk],
-                                                 ["ln_final.hook_normalized", *extra],
-                                                 {n: t[i:i + per_chunk] for n, t in clean.items()})
-                lps.append(lg.float().log_softmax(-1))
+                c = view.patch_last_position(A[i:i + per_chunk], w, x[i:i + per_chunk],
+                                             ["ln_final.hook_normalized", *extra],
+                                             {n: t[i:i + per_chunk] for n, t in clean.items()})
                 outs.append(c["ln_final.hook_normalized"].float())
                 if extra:
                     pres.append(c[last_mlp] > 0)
@@ -128,9 +127,9 @@ class Regions(Analysis):
             getattr(self, f"sharpness_L{w}").append(steps.amax(dim=1) * (self.n_alpha - 1))
             getattr(self, f"windows_L{w}").append(windows.repeat(self.pairs_per_window)[keep])  # each pair's A
             getattr(self, f"curves_L{w}").append(dn)
-            lp = torch.cat(lps)[keep]
             mid = (self.n_alpha - 1) // 2
-            getattr(self, f"kl_mid_L{w}").append((lp[:, 0].exp() * (lp[:, 0] - lp[:, mid])).sum(-1))
+            lp = view.unembed(out[keep][:, [0, mid]]).log_softmax(-1)  # only the two points kl_mid compares
+            getattr(self, f"kl_mid_L{w}").append((lp[:, 0].exp() * (lp[:, 0] - lp[:, 1])).sum(-1))
             if extra:
                 on = torch.cat(pres)[keep]  # [P, N, units]
                 getattr(self, f"flips_L{w}").append((on[:, -1] != on[:, 0]).sum(-1).float())

@@ -121,17 +121,21 @@ class Sparsity(Analysis):
         return self.hook_names() if self.dead_source == "training" else []
 
     def update(self, tokens: torch.Tensor, logits: torch.Tensor, cache: Cache, windows: torch.Tensor) -> None:
-        z = torch.stack([cache[n] for n in self.hook_names()], dim=2).float()  # [B, T, L, F]
-        on = z > 0
-        self.density.append(on.float().mean(-1).flatten(0, 1))
-        self.seq_usage.append(on.any(dim=1).float().mean(-1))
         T = tokens.shape[1]
         in_window = windows[:, None] * T + torch.arange(T, device=tokens.device) < self.batch_window_tokens
-        self.window_fired |= on[in_window].any(dim=0).to(torch.uint8)
+        density, seq_usage = [], []
+        for l, name in enumerate(self.hook_names()):  # layer by layer: stacking them costs more than the sums
+            z = cache[name].float()  # [B, T, F]
+            on = z > 0
+            density.append(on.sum(-1).flatten() / on.shape[-1])
+            seq_usage.append(on.any(dim=1).sum(-1) / on.shape[-1])
+            self.window_fired[l] |= on[in_window].any(dim=0).to(torch.uint8)
+            self.counts[l] += on.flatten(0, 1).sum(dim=0)
+            self.zmax[l] = torch.maximum(self.zmax[l], z.flatten(0, 1).amax(dim=0))
+        self.density.append(torch.stack(density, 1))  # [B·T, L]
+        self.seq_usage.append(torch.stack(seq_usage, 1))  # [B, L]
         self.window_tokens += in_window.sum()
-        self.counts += on.flatten(0, 1).sum(dim=0)
-        self.zmax = torch.maximum(self.zmax, z.flatten(0, 1).amax(dim=0))
-        self.n_tokens += on.shape[0] * on.shape[1]
+        self.n_tokens += tokens.numel()
 
     def observe_training(self, name: str, activation: torch.Tensor) -> None:
         """Streaming OR, counts and maxima of the units on training tokens (the training forward pass)."""

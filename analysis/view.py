@@ -154,14 +154,15 @@ class ModelView:
         return []
 
     def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
-                            names: Sequence[str] = (), clean: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+                            names: Sequence[str] = (), clean: Cache | None = None) -> Cache:
         """For prompts `tokens` [P, T], with the residual after block `layer` at the last position replaced
-        by each of `vectors` [P, N, d]: the logits [P, N, V] and the activations at `names` [P, N, ...]
-        at the last position. Here: one patched forward pass per vector (`clean` is not needed)."""
+        by each of `vectors` [P, N, d]: the activations at `names` [P, N, ...] at the last position (the
+        logits, when needed, are `unembed` of `ln_final.hook_normalized`). Here: one patched forward pass per
+        vector (`clean` is not needed)."""
         P, N, d = vectors.shape
-        logits, cache = self.patch_residual(tokens.repeat_interleave(N, dim=0), f"blocks.{layer}.hook_resid_post",
-                                            tokens.shape[1] - 1, vectors.reshape(P * N, d), names)
-        return logits[:, -1].view(P, N, -1), {n: c[:, -1].view(P, N, *c.shape[2:]) for n, c in cache.items()}
+        _, cache = self.patch_residual(tokens.repeat_interleave(N, dim=0), f"blocks.{layer}.hook_resid_post",
+                                       tokens.shape[1] - 1, vectors.reshape(P * N, d), names)
+        return {n: c[:, -1].view(P, N, *c.shape[2:]) for n, c in cache.items()}
 
 
 def _apply_out(fn: HookFn, output):
@@ -194,11 +195,11 @@ class TransformerView(ModelView):
         return [f"blocks.{l}.attn.hook_{x}" for l in range(layer + 1, self.shape.n_layers) for x in "kv"]
 
     def patch_last_position(self, tokens: torch.Tensor, layer: int, vectors: torch.Tensor,
-                            names: Sequence[str] = (), clean: Cache | None = None) -> tuple[torch.Tensor, Cache]:
+                            names: Sequence[str] = (), clean: Cache | None = None) -> Cache:
         """As `ModelView.patch_last_position`, computing only what the patch changes: the last position, from
-        block `layer + 1` on (`Transformer.forward_from`), over the earlier positions' keys and values of the
-        clean pass (`clean`, if it recorded `patch_hooks(layer)` and `names`, else one of its own);
-        activations the patch cannot reach, in blocks up to `layer`, are the clean pass's."""
+        block `layer + 1` to the final norm (`Transformer.blocks_from`, no unembedding), over the earlier
+        positions' keys and values of the clean pass (`clean`, if it recorded `patch_hooks(layer)` and `names`,
+        else one of its own); activations the patch cannot reach, in blocks up to `layer`, are the clean pass's."""
         P, N, d = vectors.shape
         needed = [*self.patch_hooks(layer), *names]
         if clean is None or not set(needed) <= set(clean):
@@ -207,8 +208,8 @@ class TransformerView(ModelView):
                 for l in range(layer + 1, self.shape.n_layers)]
         cache = {n: clean[n][:, -1:].repeat_interleave(N, dim=0) for n in names}
         with self.hooks({n: (lambda o, n=n: cache.__setitem__(n, o)) for n in names}):
-            logits = self.model.forward_from(vectors.reshape(P * N, 1, d), layer + 1, past)
-        return logits.view(P, N, -1), {n: c.view(P, N, *c.shape[2:]) for n, c in cache.items()}
+            self.model.ln_final(self.model.blocks_from(vectors.reshape(P * N, 1, d), layer + 1, past))
+        return {n: c.view(P, N, *c.shape[2:]) for n, c in cache.items()}
 
     @property
     def output_embeddings(self) -> torch.Tensor:

@@ -7,11 +7,11 @@ layer l is Σ_i m_i v_i + b: coefficients m = `blocks.{l}.mlp.hook_post`, value 
 unembedding row of w. The *dominant* sub-updates at a position are the 10 largest by |m_i|·‖v_i‖.
 
 At a fixed subsample of probe positions (every `position_stride`-th, default 8):
-- Logit lens on the layer outputs: each layer's prediction is argmax of
-  final-norm(resid_post_l) @ Eᵀ. `vocab/agree_final/L{l}`: fraction of positions whose layer-l top-1 is
-  the final top-1 (every layer but the last, which agrees with itself). The saturation layer ℓ* is the
-  first layer from which every later layer predicts the final top-1: `vocab/saturation_layer_mean` and
-  its histogram (table `vocab/saturation_hist`).
+- Logit lens on the layer outputs: each layer's prediction is argmax of final-norm(resid_post_l) @ Eᵀ
+  (the last layer's: the model's own logits, the same product). `vocab/agree_final/L{l}`: fraction of
+  positions whose layer-l top-1 is the final top-1 (every layer but the last, which agrees with itself).
+  The saturation layer ℓ* is the first layer from which every later layer predicts the final top-1:
+  `vocab/saturation_layer_mean` and its histogram (table `vocab/saturation_hist`).
 - Early exit. `vocab/oracle_exit_saving` = mean of 1 − (ℓ* + 1)/L is the saving of an *oracle* that
   exits at the known saturation layer (100% accurate by construction: an upper bound, not the paper's
   ~20%). The predictive rule: exit at the first layer whose logit-lens top-1 probability reaches a
@@ -117,10 +117,13 @@ class Vocab(Analysis):
         window = windows.repeat_interleave(len(pos))  # each position's probe window
         E = view.output_embeddings.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
-        lens = [view.unembed(view.final_norm(r)) for r in resid]  # each layer's logit lens [N, V]
+        # each layer's logit lens [N, V]; the last layer's is the model's own output
+        lens = [*(view.unembed(view.final_norm(r)) for r in resid[:-1]), logits[:, pos].flatten(0, 1).float()]
         tops = [z.max(-1) for z in lens]
         preds = torch.stack([t.indices for t in tops])  # [L, N]
-        confidence = torch.stack([(t.values - z.logsumexp(-1)).exp() for t, z in zip(tops, lens, strict=True)])
+        # each layer's top-1 probability; the last layer, the model's own output, exits at any threshold
+        confidence = [(t.values - z.logsumexp(-1)).exp() for t, z in zip(tops[:-1], lens[:-1], strict=True)]
+        confidence = torch.stack([*confidence, torch.ones_like(tops[-1].values)])
         final = preds[-1]
         eq = preds == final
         sat = L - eq.flip(0).int().cumprod(0).sum(0)  # first layer of the trailing run of agreement
@@ -152,8 +155,7 @@ class Vocab(Analysis):
                     split: torch.Tensor) -> None:
         L = self.shape.n_layers
         tau = torch.tensor(THRESHOLDS, device=confidence.device)
-        reach = confidence[None] >= tau[:, None, None]  # [G, L, N]
-        reach[:, -1] = True  # the last layer is the model's own output
+        reach = confidence[None] >= tau[:, None, None]  # [G, L, N]; every position reaches τ ≤ 1 at the last layer
         exit_layer = reach.int().argmax(dim=1)  # first layer that reaches τ: [G, N]
         correct = (preds.gather(0, exit_layer) == final).double()
         saved = 1 - (exit_layer + 1).double() / L

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from dynascope.analysis import build, resolve
-from dynascope.analysis.measure import measure
+from dynascope.analysis.base import LOGSUMEXP, PROBS, TOP1
+from dynascope.analysis.measure import measure, probe_pass
 from dynascope.analysis.view import TransformerView
 from dynascope.core.errors import DynascopeError
 from dynascope.core.model import ModelConfig, Transformer
@@ -32,6 +33,22 @@ def test_basic_matches_direct_computation_and_is_batch_size_independent():
     assert values["basic/unembed_row_norm_max"] == pytest.approx(rows.max().item(), rel=1e-6)
     again = measure(v, [a], tokens, step=1, batch_size=7).values  # reset between checkpoints, no carry-over
     assert again == pytest.approx(values, rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3000.0])
+def test_probe_pass_computes_the_next_token_distribution_once_for_every_analysis(scale):
+    """PROBS, LOGSUMEXP (taken from the top token's probability) and TOP1 agree with torch's own, also for logits
+    in the hundreds, where a plain exp overflows."""
+    v = view()
+    with torch.no_grad():
+        v.model.unembed.weight.mul_(scale)
+        logits, cache = probe_pass(v, torch.randint(0, 40, (5, 10)), [PROBS, LOGSUMEXP, TOP1])
+    assert logits.exp().isinf().any() == (scale > 1)
+    assert torch.allclose(cache[PROBS], logits.softmax(-1), atol=1e-6)
+    assert torch.allclose(cache[LOGSUMEXP], logits.logsumexp(-1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(cache[TOP1], logits.argmax(-1))
+    _, plain = probe_pass(v, torch.randint(0, 40, (5, 10)), ["blocks.0.hook_resid_post"])
+    assert set(plain) == {"blocks.0.hook_resid_post"}  # nothing is computed that no analysis asked for
 
 
 def test_registry_resolves_names():

@@ -53,8 +53,8 @@ def rotation(degrees: float) -> torch.Tensor:
     return R
 
 
-def tokens():
-    return torch.randint(0, V, (8, 16), generator=torch.Generator().manual_seed(1))
+def tokens(windows: int = 8):
+    return torch.randint(0, V, (windows, 16), generator=torch.Generator().manual_seed(1))
 
 
 def test_planted_frequency_direction_is_recovered():
@@ -150,13 +150,16 @@ def test_deletion_curve_in_abs_a_order_beats_a_random_order():
     a[first_random] = 1.0  # the whole code lives in the dimension a random order deletes first
     E, _, context = planted(noise=0.01, a=a)
     v = head_view(E, a)
-    record = measure(v, build("frequency", v.shape, context), tokens(), step=0)
+    # one deep position per window: 10 positions, 2 for each of the 5 random orders
+    record = measure(v, build("frequency", v.shape, context), tokens(windows=10), step=0)
     curve = record.tables["frequency/deletion_curve"].rows
     assert [row[0] for row in curve] == pytest.approx([0.1 * i for i in range(1, 10)])
     assert max(row[1] for row in curve) < 0.01  # deleting up to 90% of the small-|A| dimensions keeps the code
-    # the first of the 5 random orders deletes it at 10%; the mean over the orders rises as more of them do
+    # the first of the 5 random orders deletes it at 10%, a second one by 30%: the mean over the positions, each
+    # deleted in one order, is then a fifth and two fifths of deleting it everywhere (up to the noise in h, which
+    # makes the two orders' positions differ by about 1%)
     assert 0.2 < curve[0][3] < curve[4][3] < curve[8][3]
-    assert curve[0][3] == pytest.approx(record.values["frequency/deletion_kl_random_0.3"] / 2, rel=1e-6)
+    assert curve[0][3] == pytest.approx(record.values["frequency/deletion_kl_random_0.3"] / 2, rel=0.03)
     assert record.values["frequency/deletion_kl_0.3"] == pytest.approx(curve[2][1])
     assert record.values["frequency/deletable_frac_0.01"] == 0.95
 

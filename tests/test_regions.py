@@ -123,10 +123,9 @@ def test_last_position_recompute_equals_full_patched_passes(activation, layer):
     tokens, vectors = torch.randint(0, 50, (3, 10)), torch.randn(3, 5, 32)
     names = ["ln_final.hook_normalized", "blocks.2.mlp.hook_pre"]
     with torch.no_grad():
-        fast_logits, fast = view.patch_last_position(tokens, layer, vectors, names)
-        full_logits, full = ModelView.patch_last_position(view, tokens, layer, vectors, names)
-    assert fast_logits.shape == (3, 5, 50)
-    assert (fast_logits - full_logits).abs().max() < 1e-5
+        fast = view.patch_last_position(tokens, layer, vectors, names)
+        full = ModelView.patch_last_position(view, tokens, layer, vectors, names)
+    assert fast["ln_final.hook_normalized"].shape == (3, 5, 32)
     for name in names:
         assert fast[name].shape == full[name].shape
         assert (fast[name] - full[name]).abs().max() < 1e-5

@@ -179,15 +179,15 @@ class Transformer(nn.Module):
         if T > self.cfg.context_length:
             raise ValueError(f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}")
         x = self.hook_embed(self.wte(tokens)) + self.wpe(torch.arange(T, device=tokens.device))
-        return self.forward_from(x)
+        return self.unembed(self.ln_final(self.blocks_from(x)))
 
-    def forward_from(self, x: torch.Tensor, start: int = 0,
-                     past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """The logits of residual-stream states x entering block `start`; with `past`, x's positions follow
-        those whose keys and values `past` holds for each block from `start` on (a KV cache)."""
+    def blocks_from(self, x: torch.Tensor, start: int = 0,
+                    past: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The residual stream after the last block, from states x entering block `start`; with `past`, x's
+        positions follow those whose keys and values `past` holds for each block from `start` on (a KV cache)."""
         for i, block in enumerate(self.blocks[start:]):
             x = block(x, None if past is None else past[i])
-        return self.unembed(self.ln_final(x))
+        return x
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters counted once (tied weights once); position embeddings never count towards FLOPs."""
