@@ -257,7 +257,7 @@ class Frequency(Analysis):
         if "corpus" in by:
             out["frequency/deletion_kl_corpus_0.3"] = by["corpus"][0.3]
             columns.append("KL, smallest |A| of −log f first")
-        curve = Table([*columns, "KL, random order (mean of 5)"],
+        curve = Table([*columns, f"KL, {N_PERMUTATIONS} random orders"],
                       [[f, *(by[name][f] for name in by), random[f]] for f in CURVE])
         return curve, out
 
