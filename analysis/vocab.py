@@ -117,8 +117,11 @@ class Vocab(Analysis):
         window = windows.repeat_interleave(len(pos))  # each position's probe window
         E = view.output_embeddings.float()
         resid = [cache[f"blocks.{l}.hook_resid_post"][:, pos].flatten(0, 1).float() for l in range(L)]
-        # each layer's logit lens [N, V]; the last layer's is the model's own output
-        lens = [*(view.unembed(view.final_norm(r)) for r in resid[:-1]), logits[:, pos].flatten(0, 1).float()]
+        # each layer's logit lens [N, V]; the last layer's is the model's own output when that is fp32 (the same
+        # product), recomputed in fp32 for a half-precision model, whose rounding would break ties differently
+        lens = [view.unembed(view.final_norm(r)) for r in resid[:-1]]
+        output = logits[:, pos].flatten(0, 1)
+        lens.append(output if output.dtype == torch.float32 else view.unembed(view.final_norm(resid[-1])))
         tops = [z.max(-1) for z in lens]
         preds = torch.stack([t.indices for t in tops])  # [L, N]
         # each layer's top-1 probability; the last layer, the model's own output, exits at any threshold
