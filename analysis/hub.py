@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dynascope.analysis.base import AnalysisContext
@@ -23,7 +22,7 @@ from dynascope.analysis.replay import Checkpoint, Replay, Source
 from dynascope.analysis.view import HFModelView
 from dynascope.core.data import Corpus, DataConfig, load_tokenizer, prepare_corpus
 from dynascope.core.errors import DynascopeError, first_line
-from dynascope.core.probe import load_probe, sample_probe
+from dynascope.core.probe import load_counts, load_probe, sample_probe
 
 PYTHIA_SCHEDULE = [0, *(2**k for k in range(10)), *range(1000, 143_001, 1000)]  # Pythia's 154 step branches
 
@@ -167,7 +166,7 @@ def _probe_and_context(first: HFCheckpoint, source: ProbeSource) -> tuple[torch.
                              f"tokens with ids up to {int(tokens.max())} do not fit {first.name} ({max_positions} "
                              f"positions, {vocab} tokens); give a probe set of this model's tokenizer")
     tokenizer = load_tokenizer(tokenizer_file)
-    token_counts = _load_counts(counts) if counts else corpus.counts()
+    token_counts = load_counts(counts, "--counts") if counts else corpus.counts()
     return tokens, AnalysisContext(torch.from_numpy(token_counts), tokenizer, tokenizer.token_to_id(eos))
 
 
@@ -200,8 +199,3 @@ def hf_replay(model_dirs: list[str | Path], labels: list[str] | None = None, ana
     return Replay(checkpoints, tokens, analyses, context, batch_size, options, shard, done)
 
 
-def _load_counts(path: str | Path) -> np.ndarray:
-    try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
-        raise DynascopeError(f"--counts {path} cannot be read ({e}); give a run's counts.npy") from None

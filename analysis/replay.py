@@ -224,11 +224,11 @@ def run_source(run_dir: str | Path, steps: list[int] | None = None) -> Source:
 def measurable(run: RunFiles, manifest: dict[int, dict]) -> dict[int, tuple[RunFiles, dict]]:
     """{step: (the run or zoom whose snapshot it is, its manifest row)}, the run's own first; a diverged run that
     trained on marks its non-finite snapshots, and nothing is measured on them."""
-    sources = {s: (run, row) for s, row in manifest.items() if not row.get("nonfinite")}
-    for zoom in run.zooms():
-        for s, row in read_manifest(zoom.root).items():
+    sources = {}
+    for source, rows in [(run, manifest), *((zoom, read_manifest(zoom.root)) for zoom in run.zooms())]:
+        for s, row in rows.items():
             if not row.get("nonfinite"):
-                sources.setdefault(s, (zoom, row))
+                sources.setdefault(s, (source, row))
     return sources
 
 

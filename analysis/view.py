@@ -270,6 +270,12 @@ _HF_LAYOUTS = {
 _HF_LAYOUTS.update({k: _HF_LAYOUTS["llama"] for k in ("olmo", "olmo2", "mistral", "qwen2")})
 
 
+def _activation(name: str) -> str:
+    """A model config's activation name as the analyses know it: relu, gelu (any GELU variant) or the name itself."""
+    a = str(name).lower()
+    return "relu" if a == "relu" else "gelu" if "gelu" in a else a
+
+
 class HFModelView(ModelView):
     """A Hugging Face causal LM (loaded from a local directory with `transformers`)."""
 
@@ -284,12 +290,11 @@ class HFModelView(ModelView):
         self._blocks = model.get_submodule(blocks)
         self._norm = model.get_submodule(norm)
         self._pre_name, self._out_name = pre, out
-        a = str(getattr(cfg, act, "gelu")).lower()
         self.shape = ModelShape(n_layers=len(self._blocks), d_model=cfg.hidden_size,
                                 d_mlp=self.mlp_values(0).shape[0],
                                 vocab_size=model.get_output_embeddings().weight.shape[0],
                                 context_length=_max_positions(cfg.to_dict()),
-                                activation="relu" if a == "relu" else "gelu" if "gelu" in a else a)
+                                activation=_activation(getattr(cfg, act, "gelu")))
         self.points = {"hook_embed": (model.get_submodule(embed), "out"),
                        "ln_final.hook_normalized": (self._norm, "out")}
         for l, block in enumerate(self._blocks):
@@ -354,9 +359,8 @@ class LensView(ModelView):
         if not hasattr(model, "hook_dict") or not hasattr(cfg, "d_vocab_out"):
             raise DynascopeError(f"a {type(model).__name__} is not a TransformerLens HookedTransformer")
         self.model = model.eval()
-        act = cfg.act_fn or "gelu"
         self.shape = ModelShape(n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp, vocab_size=cfg.d_vocab_out,
-                                context_length=cfg.n_ctx, activation="gelu" if "gelu" in act else act)
+                                context_length=cfg.n_ctx, activation=_activation(cfg.act_fn or "gelu"))
         self.points = {name: (point, "out") for name, point in model.hook_dict.items()}
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """dynascope: pretrain small transformers and measure when interpretability phenomena emerge.
 
-From a notebook (pandas needed):
+From a notebook:
 
     import dynascope
     frame = dynascope.measure(model, probe=tokens, analyses="sparsity,outliers")  # one row per step
@@ -12,15 +12,18 @@ From a notebook (pandas needed):
 `pages` (plots and HTML), `train` and `callbacks` (Lightning), then the commands.
 """
 
-from dynascope.core.version import __version__
-
 __all__ = ["__version__", "load_run", "measure"]
 
 
 def __getattr__(name: str):
-    """`measure` and `load_run`, imported on first use: `import dynascope` (and the CLI) stays fast."""
+    """`measure`, `load_run` and `__version__`, imported on first use: `import dynascope` (and the CLI) stays fast
+    (the version is a package-metadata lookup)."""
     if name in ("measure", "load_run", "Run"):
         from dynascope import notebook
 
         return getattr(notebook, name)
+    if name == "__version__":
+        from dynascope.core.version import __version__
+
+        return __version__
     raise AttributeError(f"module 'dynascope' has no attribute {name!r}")

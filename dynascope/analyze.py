@@ -128,8 +128,7 @@ def analyze(request: AnalyzeRequest, plot: bool = True) -> Outcome:
     outputs."""
     check_outputs(request.outputs)
     ensure_writable(request.files.root)
-    lock = RunLock(request.files.root, "dynascope analyze", wait=True)  # one writer of the table at a time
-    try:
+    with RunLock(request.files.root, "dynascope analyze", wait=True):  # one writer of the table at a time
         replay = request.replay(files=request.files)  # what is recorded already is read under the lock
         if not replay.checkpoints:
             tqdm.write(f"dynascope: every checkpoint is recorded in {request.files.metrics_csv} already; --redo "
@@ -138,13 +137,10 @@ def analyze(request: AnalyzeRequest, plot: bool = True) -> Outcome:
         try:
             outcome = _record(request, replay, request.files, recorder)
             outcome.flagged = _conclude(request, request.files, recorder)
-            recorder.log_summary(request.partial())
             recorder.finalize(draw_pages(request.pages) if plot and request.files.metrics_csv.exists() else None)
         except BaseException:
             recorder.finalize(failed=True)
             raise
-    finally:
-        lock.release()
     return outcome
 
 
@@ -173,19 +169,20 @@ def _record(request: AnalyzeRequest, replay: Replay, files: RecordFiles, recorde
 
 
 def _conclude(request: AnalyzeRequest, files: RecordFiles, recorder: Recorder) -> dict[int, str]:
-    """The integrity record of every checkpoint recorded in `files`, a warning per flagged one, and the summary
-    events over the whole history, the flagged checkpoints left out unless `keep_flagged`; the flags by step."""
+    """The integrity record of every checkpoint recorded in `files`, a warning per flagged one, and the summary:
+    the events over the whole history (the flagged checkpoints left out unless `keep_flagged`) and whether the run
+    is still training (`AnalyzeRequest.partial`); the flags by step."""
     rows = integrity_rows(load_prints(files))
     write_integrity(files, rows)
     bad = flagged(rows)
     warn_flagged(rows, "kept in the onsets (--keep_flagged)" if request.keep_flagged else "left out of the onsets")
+    summary = {}
     if files.shape.exists():
         shape = ModelShape(**read_json(files.shape, "model shape"))
         tables = {key: read_table(path) for key, path in files.table_files().items()}
         analyses = build(request.analyses, shape, None, request.analysis_options())
         summary = replay_events(analyses, tables, frozenset() if request.keep_flagged else frozenset(bad))
-        if summary:
-            recorder.log_summary(summary)
+    recorder.log_summary(summary | request.partial())
     return bad
 
 
@@ -211,31 +208,28 @@ def merge(request: AnalyzeRequest, plot: bool = True) -> Outcome:
     if not shards:
         raise DynascopeError(f"{files.shards} holds no shards to merge; run `dynascope analyze ... --shard I/N` first")
     check_outputs(request.outputs)
-    lock = RunLock(files.root, "dynascope analyze --merge", wait=True)
-    recorder = Recorder.open(request.destination(files), RECORD | request.outputs, echo=tqdm.write)
-    try:
-        for shard in shards:
-            for row in read_csv(shard.metrics_csv) if shard.metrics_csv.exists() else []:
-                recorder.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))  # NaNs too
-            for key, path in shard.table_files().items():
-                for entry in read_table(path):
-                    recorder.log_table(key, Table(entry["columns"], entry["rows"]), entry["step"])
-            for p in load_prints(shard):
-                save_print(files, p)
-        if not files.shape.exists():
-            write_json(files.shape, read_json(shards[0].shape, "shard shape"))
-        rows = read_csv(files.metrics_csv)
-        bad = _conclude(request, files, recorder)
-        recorder.log_summary(request.partial())
-        for shard in shards:
-            shutil.rmtree(shard.root)
-        files.shards.rmdir()
-        recorder.finalize(draw_pages(request.pages) if plot and rows else None)
-    except BaseException:
-        recorder.finalize(failed=True)
-        raise
-    finally:
-        lock.release()
+    with RunLock(files.root, "dynascope analyze --merge", wait=True):
+        recorder = Recorder.open(request.destination(files), RECORD | request.outputs, echo=tqdm.write)
+        try:
+            for shard in shards:
+                for row in read_csv(shard.metrics_csv) if shard.metrics_csv.exists() else []:
+                    recorder.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))  # NaNs too
+                for key, path in shard.table_files().items():
+                    for entry in read_table(path):
+                        recorder.log_table(key, Table(entry["columns"], entry["rows"]), entry["step"])
+                for p in load_prints(shard):
+                    save_print(files, p)
+            if not files.shape.exists():
+                write_json(files.shape, read_json(shards[0].shape, "shard shape"))
+            rows = read_csv(files.metrics_csv)
+            bad = _conclude(request, files, recorder)
+            for shard in shards:
+                shutil.rmtree(shard.root)
+            files.shards.rmdir()
+            recorder.finalize(draw_pages(request.pages) if plot and rows else None)
+        except BaseException:
+            recorder.finalize(failed=True)
+            raise
     return Outcome(files, [int(r["step"]) for r in rows], [], bad)
 
 

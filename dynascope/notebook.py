@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -22,21 +23,12 @@ from dynascope.analysis.base import AnalysisContext
 from dynascope.analysis.measure import measure as measure_checkpoint
 from dynascope.analysis.view import ModelView, view_of
 from dynascope.core.errors import DynascopeError
-from dynascope.core.probe import load_probe
+from dynascope.core.probe import load_counts, load_probe
 from dynascope.core.records import RunHistory
 from dynascope.pages.onsets import COLUMNS, onset_rows
 
 if TYPE_CHECKING:
-    import pandas as pd
     from tokenizers import Tokenizer
-
-
-def _pandas():
-    try:
-        import pandas
-    except ImportError:
-        raise DynascopeError("the notebook API returns DataFrames: pip install pandas") from None
-    return pandas
 
 
 def _tokens(probe: torch.Tensor | np.ndarray | str | Path) -> torch.Tensor:
@@ -51,7 +43,7 @@ def _tokens(probe: torch.Tensor | np.ndarray | str | Path) -> torch.Tensor:
 
 def _counts(counts: torch.Tensor | np.ndarray | str | Path | None) -> torch.Tensor | None:
     if isinstance(counts, str | Path):
-        counts = np.load(counts)
+        counts = load_counts(counts)
     return None if counts is None else torch.as_tensor(counts)
 
 
@@ -89,7 +81,7 @@ def measure(models: nn.Module | ModelView | Mapping[int, nn.Module | ModelView],
     for step, view in views.items():
         record = measure_checkpoint(view, measured, tokens, step, batch_size=batch_size)
         rows[step] = record.values
-    frame = _pandas().DataFrame.from_dict(rows, orient="index")
+    frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "step"
     return frame
 
@@ -105,11 +97,10 @@ class Run(NamedTuple):
 def load_run(directory: str | Path) -> Run:
     """A run directory (or an `analyze --hf` output directory) as `Run(metrics, summary, onsets)`: the rows logged
     online merged with those `dynascope analyze` measured, indexed by step."""
-    pandas = _pandas()
     history = RunHistory.load(directory)
-    metrics = pandas.DataFrame(history.rows).set_index("step")
+    metrics = pd.DataFrame(history.rows).set_index("step")
     metrics.index = metrics.index.astype(int)
-    onsets = pandas.DataFrame(onset_rows(history.summary, directory), columns=list(COLUMNS))
+    onsets = pd.DataFrame(onset_rows(history.summary, directory), columns=list(COLUMNS))
     return Run(metrics, history.summary, onsets.set_index("event"))
 
 

@@ -87,11 +87,7 @@ class LanguageModel(L.LightningModule):
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         self.log("train/grad_norm", grad_norm(self, norm_type=2)["grad_2.0_norm_total"])  # before clipping
-        lrs = [group["lr"] for group in optimizer.param_groups]  # the lr this update uses
-        if len(set(lrs)) == 1:
-            self.log("train/lr", lrs[0])
-        else:
-            self.log_dict({f"train/lr/pg{i}": lr for i, lr in enumerate(lrs)})
+        self.log("train/lr", optimizer.param_groups[0]["lr"])  # the lr this update uses (one schedule, both groups)
 
     @override
     def configure_optimizers(self):

@@ -43,6 +43,14 @@ def load_probe(path: str | Path) -> torch.Tensor:
                              "delete it to draw a new one (offline values will then differ)") from None
 
 
+def load_counts(path: str | Path, option: str = "counts") -> np.ndarray:
+    """A run's per-token counts of its training split (counts.npy), given as `option`."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise DynascopeError(f"{option} {path} cannot be read ({e}); give a run's counts.npy") from None
+
+
 def shard(tokens: torch.Tensor, rank: int, world_size: int, unit: int = 1) -> tuple[torch.Tensor, int]:
     """This rank's contiguous part of the probe set in whole units of `unit` windows (a probe batch), and
     the index of its first window; the shards of all ranks are disjoint and cover the set."""

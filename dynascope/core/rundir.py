@@ -29,9 +29,9 @@ _HELD: list[RunLock] = []  # this process's locks
 
 
 class RunLock:
-    """An exclusive lock on DIR/.lock until `release()` or `release_locks()` (the kernel drops it when the
-    process dies, however it dies). A fit refuses a directory another process holds; an analyze (`wait`)
-    waits for it, so two commands writing one table never interleave."""
+    """An exclusive lock on DIR/.lock until `release()` (or the end of a `with` block) or `release_locks()` (the
+    kernel drops it when the process dies, however it dies). A fit refuses a directory another process holds; an
+    analyze (`wait`) waits for it, so two commands writing one table never interleave."""
 
     def __init__(self, run_dir: Path, command: str = "dynascope fit", wait: bool = False):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,12 @@ class RunLock:
         self._file.close()
         if self in _HELD:
             _HELD.remove(self)
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def in_use(run_dir: Path) -> bool:

@@ -100,6 +100,11 @@ def _save(fig: Figure, title: str, path: Path) -> Path:
     return path
 
 
+def measured(history: RunHistory) -> list[str]:
+    """The registered analyses with keys in the run's rows, in registry order."""
+    return [name for name in REGISTRY if any(k.startswith(name + "/") for r in history.rows for k in r)]
+
+
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write `<analysis>.png` for each analysis present and `overview.png` into `out_dir` (default RUN/plots),
     in place of the ones an earlier call wrote there (other files are left alone); returns the overview path."""
@@ -108,7 +113,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     out = ensure_writable(Path(out_dir or history.root.plots))
     for name in [*REGISTRY, "overview"]:  # an analysis measured before but not now leaves no stale picture
         (out / f"{name}.png").unlink(missing_ok=True)
-    present = [name for name in REGISTRY if any(k.startswith(name + "/") for r in history.rows for k in r)]
+    present = measured(history)
     for name in present:
         panels = _panels(history.rows, name)
         fig, axes = _grid(len(panels), 3, 5, 3.8)

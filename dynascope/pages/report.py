@@ -33,6 +33,7 @@ from dynascope.core.model import ModelConfig
 from dynascope.core.records import DIVERGED_KEY, STEP_KEY, RunHistory
 from dynascope.core.version import __version__
 from dynascope.pages.onsets import COLUMNS, onset_rows
+from dynascope.pages.plots import measured
 
 
 def png(fig: Figure) -> bytes:
@@ -266,11 +267,6 @@ def _paper(analysis: type[Analysis]) -> str:
     return f"<a href='{html.escape(analysis.paper_url)}'>{name}</a>" if analysis.paper_url else name
 
 
-def measured(history: RunHistory) -> list[str]:
-    """The registered analyses with keys in the run's rows, in registry order."""
-    return [name for name in REGISTRY if any(k.startswith(name + "/") for r in history.rows for k in r)]
-
-
 def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the report page of a run directory or an `analyze --hf` output directory; returns its path."""
     history = RunHistory.load(directory)
@@ -281,8 +277,8 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
             "<h2>Training</h2>"]
     loss = training_loss(history)
     body.append(embed(loss, out / "training_loss.png") if loss else "<p>No loss logged.</p>")
-    verdicts = [(REGISTRY[name], line) for name in measured(history)
-                if (line := verdict(REGISTRY[name], history, events))]
+    names = measured(history)
+    verdicts = [(REGISTRY[name], line) for name in names if (line := verdict(REGISTRY[name], history, events))]
     if verdicts:
         body.append("<h2>The papers' signatures</h2><table><tr><th>paper</th><th>its signature</th>"
                     "<th>in this run</th></tr>" + "".join(
@@ -293,7 +289,7 @@ def write_report(directory: str | Path, out_dir: str | Path | None = None) -> Pa
         fig = onset_card(plot, event, judgements)
         if fig is not None:
             body.append(embed(fig, out / f"onset_{i}.png"))
-    for name in measured(history):
+    for name in names:
         analysis = REGISTRY[name]
         paper = f"{_paper(analysis)}. " if analysis.paper else ""
         body.append(f"<h2>{html.escape(analysis.title or name)}</h2>"
