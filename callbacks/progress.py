@@ -18,11 +18,20 @@ class StepProgressBar(TQDMProgressBar):
     BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
     @override
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)  # a resumed run restarts its epoch mid-way: Lightning skips on_train_epoch_start
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.reset(total=trainer.max_steps)
-        self.train_progress_bar.update(trainer.global_step)
-        self.train_progress_bar.set_description("training")
+        super().on_train_epoch_start(trainer, *args)  # Lightning's reset to the epoch's batches
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step  # as tqdm's `initial`: no rate from earlier steps
+        bar.set_description("training")
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

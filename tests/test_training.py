@@ -213,11 +213,15 @@ def test_gelu_preset_logs_every_analysis(tmp_path, corpus_file):
     assert "regions/relu_flips_mean" not in row
 
 
-def test_the_progress_bar_counts_optimizer_steps_against_max_steps(tmp_path, corpus_file, capsys):
+@pytest.mark.parametrize("resumed", [False, True])
+def test_the_progress_bar_counts_optimizer_steps_against_max_steps(resumed, tmp_path, corpus_file, capsys):
     args = tiny_args(corpus_file, tmp_path / "run", 6, "--dynamics.analyses", "basic",
-                     "--trainer.accumulate_grad_batches", "2")[1:]
+                     "--trainer.accumulate_grad_batches", "2")
     args[args.index("--trainer.enable_progress_bar") + 1] = "true"
-    cli = build_fit(args)
+    if resumed:  # from its step-4 checkpoint: Lightning restarts the endless epoch mid-way, without its start hook
+        killed_at(args, 5)
+        args += ["--ckpt_path", "last"]
+    cli = build_fit(args[1:])
     try:
         cli.fit()
     finally:
