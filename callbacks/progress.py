@@ -29,9 +29,10 @@ class StepProgressBar(TQDMProgressBar):
 
     def _count_steps(self, trainer: L.Trainer) -> None:
         bar = self.train_progress_bar
+        bar.set_description("training", refresh=False)
         bar.reset(total=trainer.max_steps)
         bar.initial = bar.n = bar.last_print_n = trainer.global_step  # as tqdm's `initial`: no rate from earlier steps
-        bar.set_description("training")
+        bar.refresh()
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

@@ -95,7 +95,7 @@ def test_plot_out_writes_there_and_leaves_other_files(tiny_run, tmp_path, capsys
 
 
 def test_progress_shows_within_the_first_measurement_and_each_replayed_checkpoint(tiny_run, corpus_file, tmp_path):
-    """The step-0 measurement runs before training's own bar: its stages show in a bar of their own, on the
+    """The step-0 measurement runs before the first training step: its stages show in a bar of their own, on the
     training bar's stream (a file, as under Slurm); a replay shows each checkpoint's stages too."""
     args = tiny_args(corpus_file, tmp_path / "run", 2)
     args[args.index("--trainer.enable_progress_bar") + 1] = "true"
@@ -103,7 +103,7 @@ def test_progress_shows_within_the_first_measurement_and_each_replayed_checkpoin
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "analysing step 0" in fit.stdout and "probe batch 1/" in fit.stdout
     assert "Tip:" not in fit.stdout + fit.stderr and "`srun` command" not in fit.stderr  # Lightning's noise
-    assert fit.stdout.index("analysing step 0") < fit.stdout.index("training:")
+    assert fit.stdout.index("training:") < fit.stdout.index("analysing step 0") < fit.stdout.index("1/2 steps")
     run = copy_run(tiny_run, tmp_path / "copy")
     replay = subprocess.run([sys.executable, "-m", "dynascope.cli", "analyze", str(run), "--redo", "--no_plot",
                              "--steps", "0,2"], capture_output=True, text=True, cwd=REPO)
