@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from dynascope.core.heap import heap_up_to
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"gpt2-124m": "gelu", "relu-124m": "relu"}
 SHAPES = {  # fit overrides per shape: the 124M presets as they are, or a tiny model for a CPU
@@ -309,6 +311,7 @@ def main() -> None:
     p.add_argument("--work", help="scratch directory (default: a new temporary one)")
     p.add_argument("--minutes", type=float, default=7.5, help="time budget; sections that would outlast it skip")
     a = p.parse_args()
+    heap_up_to(64)  # as the dynascope executable runs
     shape = a.shape or ("124m" if a.device == "cuda" else "tiny")
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu-check-"))
     os.environ.setdefault("DYNASCOPE_CACHE", str(work / "cache"))

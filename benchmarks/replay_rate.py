@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dynascope.analyze import AnalyzeRequest, analyze
+from dynascope.core.heap import heap_up_to
 from dynascope.core.snapshots import read_manifest
 
 
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    heap_up_to(64)  # as the dynascope executable runs
     rates = []
     for _ in range(a.repeats):
         with tempfile.TemporaryDirectory() as scratch:

@@ -32,6 +32,7 @@ from dynascope.analysis.replay import Replay, replay_events, run_options, run_re
 from dynascope.analysis.view import ModelShape
 from dynascope.core.data import DataConfig
 from dynascope.core.errors import DynascopeError
+from dynascope.core.heap import heap_up_to
 from dynascope.core.io import ensure_writable, read_json, write_json
 from dynascope.core.probe import save_probe
 from dynascope.core.records import Table, read_csv, read_table
@@ -193,6 +194,7 @@ def analyze_in_parallel(request: AnalyzeRequest, workers: int) -> None:
 
 
 def _worker(index: int, workers: int, request: AnalyzeRequest) -> None:
+    heap_up_to(64)  # a spawned process: the executable's allocator tuning did not reach it
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     if request.device == "cuda":
         request.device = f"cuda:{index % torch.cuda.device_count()}"

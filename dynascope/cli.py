@@ -19,14 +19,13 @@ argument errors answer at once; options are --snake_case throughout, as `fit`'s 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
 from dynascope.core.errors import DynascopeError, Interrupted
+from dynascope.core.heap import heap_up_to
 from dynascope.core.presets import preset, preset_names
 from dynascope.core.runfiles import RunFiles
 
@@ -451,26 +450,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
 
 
-def heap_up_to(mib: int) -> None:
-    """Have glibc serve allocations of up to `mib` MiB from its heap, and keep twice that free there.
-
-    Above its mmap threshold (at most 32 MiB by default) glibc maps each allocation afresh, and the kernel faults
-    its pages in on first use. The demo's logits, [16, 128, 4096] fp32, are exactly 32 MiB: each training step's
-    logits and their gradients, and each probe batch's probabilities, were faulted in page by page. At 64 MiB the
-    demo trains 24% faster for 64 MB more peak memory (BENCHMARKS.md). Left alone where the environment tunes
-    malloc itself (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), and off Linux."""
-    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                                   "GLIBC_TUNABLES"} & set(os.environ):
-        return
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; musl has none
-    if mallopt is not None:
-        mallopt(-3, mib << 20)  # M_MMAP_THRESHOLD, mallopt(3)
-        mallopt(-1, 2 * mib << 20)  # M_TRIM_THRESHOLD: a step's freed tensors stay for the next step
-
-
 def command() -> None:
     """The `dynascope` executable (and `python -m dynascope.cli`): `main` in a process of its own, whose
-    allocator it tunes (`heap_up_to`)."""
+    allocator it tunes (`dynascope.core.heap`)."""
     heap_up_to(64)
     main()
 
