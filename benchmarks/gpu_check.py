@@ -311,7 +311,7 @@ def main() -> None:
     p.add_argument("--work", help="scratch directory (default: a new temporary one)")
     p.add_argument("--minutes", type=float, default=7.5, help="time budget; sections that would outlast it skip")
     a = p.parse_args()
-    heap_up_to(64)  # as the dynascope executable runs
+    heap_up_to()  # as the dynascope executable runs
     shape = a.shape or ("124m" if a.device == "cuda" else "tiny")
     work = Path(a.work or tempfile.mkdtemp(prefix="gpu-check-"))
     os.environ.setdefault("DYNASCOPE_CACHE", str(work / "cache"))

@@ -26,7 +26,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    heap_up_to(64)  # as the dynascope executable runs
+    heap_up_to()  # as the dynascope executable runs
     rates = []
     for _ in range(a.repeats):
         with tempfile.TemporaryDirectory() as scratch:

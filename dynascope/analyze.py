@@ -194,7 +194,7 @@ def analyze_in_parallel(request: AnalyzeRequest, workers: int) -> None:
 
 
 def _worker(index: int, workers: int, request: AnalyzeRequest) -> None:
-    heap_up_to(64)  # a spawned process: the executable's allocator tuning did not reach it
+    heap_up_to()  # a spawned process: the executable's allocator tuning did not reach it
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     if request.device == "cuda":
         request.device = f"cuda:{index % torch.cuda.device_count()}"

@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
 def command() -> None:
     """The `dynascope` executable (and `python -m dynascope.cli`): `main` in a process of its own, whose
     allocator it tunes (`dynascope.core.heap`)."""
-    heap_up_to(64)
+    heap_up_to()
     main()
 
 

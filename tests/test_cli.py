@@ -114,8 +114,6 @@ def test_progress_shows_within_the_first_measurement_and_each_replayed_checkpoin
     assert "checkpoint 2:" in replay.stderr and "probe batch 1/" in replay.stderr and "frequency" in replay.stderr
 
 
-
-
 MAPPED = """
 import ctypes, json, sys
 import torch
@@ -123,7 +121,7 @@ from dynascope.core.heap import heap_up_to
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                "uordblks", "fordblks", "keepcost")]
-tuned = sys.argv[1] == "1" and heap_up_to(64)
+tuned = sys.argv[1] == "1" and heap_up_to()
 logits = torch.ones(16, 128, 4096)  # 32 MiB, a training step's logits
 mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)  # glibc 2.33 and later
 if mallinfo2 is not None:

@@ -3,8 +3,9 @@
 Above its mmap threshold (at most 32 MiB by default) glibc maps each allocation afresh, and the kernel faults its
 pages in on first use. The demo's logits, [16, 128, 4096] fp32, are exactly 32 MiB: each training step's logits
 and their gradients, and each probe batch's probabilities, were faulted in page by page (8,193 faults each). At
-64 MiB the demo trains 25% faster for 82 MB more peak memory, to the same bytes (BENCHMARKS.md). Processes of
-their own apply it: the `dynascope` executable, `python -m dynascope.cli`, and `analyze --workers`'s workers.
+64 MiB (the default) the demo trains 25% faster for 82 MB more peak memory, to the same bytes (BENCHMARKS.md).
+Processes of their own apply it: the `dynascope` executable, `python -m dynascope.cli`, and `analyze --workers`'s
+workers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def heap_up_to(mib: int) -> bool:
+def heap_up_to(mib: int = 64) -> bool:
     """Have glibc serve allocations of up to `mib` MiB from its heap, and keep twice that free there; whether it
     took. Not where the environment tunes malloc itself (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, or
     GLIBC_TUNABLES naming glibc.malloc), off Linux, on another C library, or on glibc before 2.35, which caps the
